@@ -1,0 +1,1 @@
+"""Data: ingest raw transactions, clean them, split them by basket, write one silo per region."""

@@ -1,0 +1,147 @@
+"""Loading a prepared dataset: the public catalog and one region's user records."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fedrec.errors import DataError
+from fedrec.text import context_text, item_text
+
+
+@dataclass
+class Catalog:
+    """The public catalog. Item i is row i; its text is what the item tower encodes."""
+
+    item_ids: list[str]
+    titles: list[str]
+    categories: list[str]
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Catalog":
+        path = Path(path)
+        if not path.is_file():
+            raise DataError("catalog not found", file=str(path),
+                            hint="Run `fedrec data prepare` first, or pass the catalog path.")
+        frame = pd.read_parquet(path)
+        return cls(frame["item_id"].astype(str).tolist(), frame["title"].astype(str).tolist(),
+                   frame.get("category", pd.Series([""] * len(frame))).fillna("").astype(str).tolist())
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def index(self) -> dict[str, int]:
+        return {item_id: i for i, item_id in enumerate(self.item_ids)}
+
+    def text(self, item: int) -> str:
+        return item_text(self.titles[item], self.categories[item])
+
+    def texts(self) -> list[str]:
+        return [self.text(i) for i in range(len(self))]
+
+    def context(self, history_newest_first, query: str, max_items: int) -> str:
+        return context_text([self.titles[i] for i in history_newest_first[:max_items]], query, max_items)
+
+
+@dataclass
+class UserRecord:
+    """One user in one region: the unit of privacy. Baskets are item indices in time order."""
+
+    user_id: str
+    baskets: list[np.ndarray]
+    queries: list[str]
+    n_train: int                 # the first n_train baskets are training history
+
+    @property
+    def train_baskets(self) -> list[np.ndarray]:
+        return self.baskets[: self.n_train]
+
+    def has_split(self, split: str) -> bool:
+        n = len(self.baskets)
+        return {"train": True, "val": n >= 3, "test": n >= 2}[split]
+
+    def target_index(self, split: str) -> int:
+        return len(self.baskets) - (1 if split == "test" else 2)
+
+    def eval_case(self, split: str) -> tuple[np.ndarray, str, np.ndarray]:
+        """(history newest first, query, target items) for a `val` or `test` evaluation."""
+        target = self.target_index(split)
+        return history_newest_first(self.baskets[:target]), self.queries[target], self.baskets[target]
+
+
+def history_newest_first(baskets: list[np.ndarray]) -> np.ndarray:
+    if not baskets:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate(baskets[::-1]).astype(np.int64)
+
+
+@dataclass
+class Silo:
+    region: str
+    catalog: Catalog
+    users: list[UserRecord]
+
+    def eval_users(self, split: str) -> list[UserRecord]:
+        return [u for u in self.users if u.has_split(split)]
+
+
+def dataset_regions(root: str | Path) -> list[str]:
+    root = Path(root)
+    regions = sorted(p.name for p in root.iterdir() if (p / "interactions.parquet").is_file()) \
+        if root.is_dir() else []
+    if not regions:
+        raise DataError("no region silos found", file=str(root),
+                        hint="Point at the output folder of `fedrec data prepare`.")
+    return regions
+
+
+def load_silo(silo_dir: str | Path, catalog: Catalog | None = None) -> Silo:
+    """A region's silo folder; the catalog defaults to ../catalog.parquet next to it."""
+    silo_dir = Path(silo_dir)
+    path = silo_dir / "interactions.parquet"
+    if not path.is_file():
+        raise DataError("no interactions.parquet in the silo folder", file=str(silo_dir),
+                        hint="Point at OUT/<region> written by `fedrec data prepare`.")
+    catalog = catalog or Catalog.load(silo_dir.parent / "catalog.parquet")
+    frame = pd.read_parquet(path)
+    index = catalog.index
+    items = frame["item_id"].astype(str).map(index)
+    if items.isna().any():
+        row = int(np.flatnonzero(items.isna().to_numpy())[0])
+        raise DataError(f"item {frame['item_id'].iloc[row]!r} is not in the catalog", file=str(path),
+                        row=row + 1, column="item_id")
+    frame = frame.assign(item=items.astype(np.int64)).sort_values(["user_id", "basket", "item"],
+                                                                   kind="stable")
+    user_ids = frame["user_id"].astype(str).to_numpy()
+    basket_ids = frame["basket"].to_numpy()
+    basket_starts = np.flatnonzero(np.r_[True, (user_ids[1:] != user_ids[:-1])
+                                         | (basket_ids[1:] != basket_ids[:-1])])
+    basket_items = np.split(frame["item"].to_numpy(), basket_starts[1:])
+    first = frame.iloc[basket_starts]
+    queries = frame.assign(query=frame["query"].fillna("").astype(str).str.strip()) \
+        .groupby(["user_id", "basket"], sort=True)["query"].agg(lambda q: next((x for x in q if x), ""))
+    users = []
+    user_starts = np.flatnonzero(np.r_[True, first["user_id"].to_numpy()[1:] != first["user_id"].to_numpy()[:-1]])
+    for start, end in zip(user_starts, [*user_starts[1:], len(first)]):
+        user_id = str(first["user_id"].iloc[start])
+        is_train = first["split"].to_numpy()[start:end] == "train"
+        users.append(UserRecord(user_id, basket_items[start:end],
+                                list(queries.loc[user_id].to_numpy()), int(is_train.sum())))
+    return Silo(silo_dir.name, catalog, users)
+
+
+def load_dataset(root: str | Path, regions: list[str] | None = None) -> dict[str, Silo]:
+    """Every region (or the named ones) of a prepared dataset, sharing one catalog."""
+    root = Path(root)
+    available = dataset_regions(root)
+    regions = regions or available
+    unknown = sorted(set(regions) - set(available))
+    if unknown:
+        raise DataError(f"unknown region(s) {', '.join(unknown)}; this dataset has {', '.join(available)}",
+                        file=str(root))
+    catalog = Catalog.load(root / "catalog.parquet")
+    return {region: load_silo(root / region, catalog) for region in regions}

@@ -1,0 +1,1 @@
+"""Full-catalog ranking evaluation and the baselines every model is compared with."""

@@ -1,0 +1,118 @@
+"""One typed configuration for every stage; the single source of truth for defaults.
+
+Sections are dataclasses. `FedrecConfig.from_flat` / `to_flat` map them to the flat
+`section.key = value` form used by TOML files, Flower run configs and the CLI's `--set`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from fedrec.errors import FedrecError
+
+
+@dataclass
+class ModelConfig:
+    """The text two-tower teacher: one encoder for items and for user contexts."""
+
+    encoder: str = ""                      # a Hugging Face encoder directory; "" = bundled all-MiniLM-L6-v2
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: str = "query,value"      # comma-separated module names that get adapters
+    temperature: float = 0.05              # softmax temperature of the retrieval loss
+    context_items: int = 10                # most recent items in a user context, newest first
+    max_context_tokens: int = 64
+    max_item_tokens: int = 32
+
+
+@dataclass
+class TrainConfig:
+    """Local optimisation; shared by central training and by each region in a federation."""
+
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    samples_per_user: int = 1              # examples drawn from each user's record per epoch
+    patience: int = 2                      # epochs without validation NDCG@10 gain before stopping
+    refresh_catalog_every: int = 0         # steps between catalog-embedding refreshes; 0 = once per epoch
+    eval_batch_size: int = 128
+    seed: int = 0
+
+
+@dataclass
+class FedrecConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_flat(self) -> dict[str, Any]:
+        return {
+            f"{section.name}.{item.name}": getattr(getattr(self, section.name), item.name)
+            for section in dataclasses.fields(self)
+            for item in dataclasses.fields(getattr(self, section.name))
+        }
+
+    @classmethod
+    def from_flat(cls, values: Mapping[str, Any], base: "FedrecConfig | None" = None) -> "FedrecConfig":
+        """Apply `section.key` overrides, converting each value to the field's declared type."""
+        config = dataclasses.replace(base) if base else cls()
+        sections = {f.name: dataclasses.replace(getattr(config, f.name)) for f in dataclasses.fields(cls)}
+        for key, value in values.items():
+            section_name, _, name = key.partition(".")
+            section = sections.get(section_name)
+            hints = typing.get_type_hints(type(section)) if section is not None else {}
+            if name not in hints:
+                known = ", ".join(sorted(config.to_flat()))
+                raise FedrecError(f"unknown setting {key!r}; known settings: {known}")
+            setattr(section, name, _coerce(key, value, hints[name]))
+        return cls(**sections)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> "FedrecConfig":
+        """Defaults, then a TOML file ([model], [train] tables), then `overrides`."""
+        config = cls()
+        if path:
+            try:
+                tables = tomllib.loads(Path(path).read_text())
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise FedrecError(f"cannot read config {path}: {exc}") from exc
+            flat = {f"{s}.{k}": v for s, table in tables.items() for k, v in dict(table).items()}
+            config = cls.from_flat(flat, config)
+        return cls.from_flat(overrides or {}, config)
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered in {"1", "true", "yes", "on"}:
+                    return True
+                if lowered in {"0", "false", "no", "off"}:
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return kind(value)
+    except (TypeError, ValueError):
+        raise FedrecError(f"setting {key!r} expects {kind.__name__}, got {value!r}") from None
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    """`["train.lr=0.01", ...]` from the CLI's repeated `--set` option."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise FedrecError(f"--set expects section.key=value, got {pair!r}")
+        out[key.strip()] = value.strip()
+    return out

@@ -1,0 +1,24 @@
+"""The one error type users see: it says what is wrong, where, and what to do."""
+
+from __future__ import annotations
+
+
+class FedrecError(Exception):
+    """A user-facing error. The CLI prints it without a traceback and exits with code 2."""
+
+
+class DataError(FedrecError):
+    """Bad input data, located by file, row and column when known."""
+
+    def __init__(self, message: str, *, file: str | None = None, row: int | None = None,
+                 column: str | None = None, hint: str | None = None):
+        self.file, self.row, self.column, self.hint = file, row, column, hint
+        where = ", ".join(
+            part for part in (
+                f"file {file}" if file else "",
+                f"row {row}" if row is not None else "",
+                f"column {column!r}" if column else "",
+            ) if part
+        )
+        text = f"{where}: {message}" if where else message
+        super().__init__(f"{text}. {hint}" if hint else text)

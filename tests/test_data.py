@@ -1,0 +1,155 @@
+"""Ingestion of real Online Retail rows: cleaning, region mapping, basket split, bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from fedrec.data.prepare import prepare
+from fedrec.data.regions import RegionMap
+from fedrec.data.silo import load_dataset
+from fedrec.data.sources import PRODUCT_CODE
+from fedrec.errors import DataError
+
+
+def test_row_counts_and_cleaning_rules(retail_slice, prepared):
+    raw = pd.read_csv(retail_slice, dtype=str, keep_default_na=False)
+    summary = pd.read_json(prepared / "summary.json", typ="series")
+    cleaning = summary["cleaning"]
+    assert cleaning["rows_read"] == len(raw)
+    assert cleaning["dropped_no_customer"] == (raw["CustomerID"] == "").sum() == 50
+    known = raw[raw["CustomerID"] != ""]
+    assert cleaning["dropped_cancellation"] == known["InvoiceNo"].str.startswith("C").sum()
+    kept = (known[~known["InvoiceNo"].str.startswith("C")
+                  & known["StockCode"].str.upper().str.match(PRODUCT_CODE)]
+            .astype({"Quantity": int, "UnitPrice": float}))
+    kept = kept[(kept["Quantity"] > 0) & (kept["UnitPrice"] > 0)]
+    assert cleaning["rows_kept"] == len(kept)
+
+    catalog = pd.read_parquet(prepared / "catalog.parquet")
+    assert catalog["item_id"].is_unique
+    assert catalog["item_id"].str.match(PRODUCT_CODE).all()
+    assert set(catalog["item_id"]) == set(kept["StockCode"].str.upper())
+
+
+def test_region_mapping(retail_slice, prepared):
+    raw = pd.read_csv(retail_slice, dtype=str, keep_default_na=False)
+    country = raw[raw["CustomerID"] != ""].assign(
+        user=lambda f: f["CustomerID"].str.replace(".0", "", regex=False)).groupby("user")["Country"].first()
+    expected = {"United Kingdom": "uk", "Germany": "eu", "France": "eu", "EIRE": "eu",
+                "Channel Islands": "eu", "Australia": "row", "Japan": "row"}
+    regions = sorted(p.name for p in prepared.iterdir() if p.is_dir())
+    assert regions == ["eu", "row", "uk"]
+    for region in regions:
+        users = pd.read_parquet(prepared / region / "interactions.parquet")["user_id"].unique()
+        assert {expected[country[u]] for u in users} == {region}
+    mapping = RegionMap.standard()
+    assert mapping("Switzerland") == "eu" and mapping("Brazil") == "row" and mapping("United Kingdom") == "uk"
+
+
+def test_basket_split_invariants(prepared):
+    for region in ("uk", "eu", "row"):
+        frame = pd.read_parquet(prepared / region / "interactions.parquet")
+        assert not frame.duplicated(["user_id", "item_id"]).any(), "an item bought twice stays once"
+        for user, rows in frame.groupby("user_id"):
+            # every basket lies in exactly one split and has one timestamp
+            per_basket = rows.groupby("basket").agg(splits=("split", "nunique"), times=("timestamp", "nunique"))
+            assert (per_basket["splits"] == 1).all() and (per_basket["times"] == 1).all()
+            history = rows[rows["split"] == "train"]
+            for split in ("val", "test"):
+                target = rows[rows["split"] == split]
+                if target.empty:
+                    continue
+                before = rows[rows["basket"] < target["basket"].iloc[0]]
+                assert (target["timestamp"] > before["timestamp"].max()).all()
+                assert not set(target["item_id"]) & set(before["item_id"])
+            n = rows["basket"].max() + 1
+            assert (rows["split"] == "test").any() == (n >= 2)
+            assert (rows["split"] == "val").any() == (n >= 3)
+            assert len(history) > 0
+
+
+def test_silos_load_as_user_records(prepared):
+    silos = load_dataset(prepared)
+    frame = pd.read_parquet(prepared / "eu" / "interactions.parquet")
+    eu = silos["eu"]
+    assert len(eu.users) == frame["user_id"].nunique()
+    user = eu.users[0]
+    history, query, targets = user.eval_case("test")
+    rows = frame[frame["user_id"] == user.user_id]
+    assert sorted(eu.catalog.item_ids[i] for i in targets) == sorted(rows[rows["split"] == "test"]["item_id"])
+    assert len(history) == (rows["split"] != "test").sum() and query == ""
+
+
+def write_bad(tmp_path, retail_slice, edit):
+    frame = pd.read_csv(retail_slice, dtype=str, keep_default_na=False).head(200)
+    frame = edit(frame)
+    path = tmp_path / "bad.csv"
+    frame.to_csv(path, index=False)
+    return path
+
+
+@pytest.mark.parametrize("edit, row, column, words", [
+    (lambda f: f.drop(columns=["Country"]), None, "Country", "missing column"),
+    (lambda f: f.assign(InvoiceDate=f["InvoiceDate"].where(f.index != 17, "yesterday")), 18, "InvoiceDate", "timestamp"),
+    (lambda f: f.assign(Quantity=f["Quantity"].where(f.index != 5, "six")), 6, "Quantity", "not a number"),
+    (lambda f: f.assign(Country=f["Country"].where(f.index != 9, "")), 10, "Country", "empty"),
+])
+def test_bad_input_names_file_row_and_column(tmp_path, retail_slice, edit, row, column, words):
+    bad = write_bad(tmp_path, retail_slice, edit)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier output")
+    with pytest.raises(DataError) as info:
+        prepare(bad, out)
+    error = info.value
+    assert error.file == str(bad) and error.column == column and error.row == row
+    assert words in str(error)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"], "earlier output is untouched"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [], "no temporary left"
+
+
+def test_cli_reports_bad_input_without_traceback(tmp_path, retail_slice):
+    bad = write_bad(tmp_path, retail_slice, lambda f: f.drop(columns=["StockCode"]))
+    result = subprocess.run([sys.executable, "-m", "fedrec.tools", "data", "prepare", str(bad),
+                             "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "missing column(s) StockCode" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("suffix", ["csv", "parquet"])
+def test_generic_format(tmp_path, suffix):
+    interactions = pd.DataFrame({
+        "user_id": ["a", "a", "a", "b", "b", "c"],
+        "item_id": ["i1", "i2", "i3", "i1", "i4", "i2"],
+        "timestamp": ["2024-01-01T10:00:00", "2024-01-01T10:00:00", "2024-02-01T10:00:00",
+                      "2024-01-03T09:00:00", "2024-01-05T09:00:00", "2024-01-07T09:00:00"],
+        "region": ["eu", "eu", "eu", "uk", "uk", "uk"],
+        "query": ["", "", "red mug", "", "lamp", ""],
+    })
+    catalog = pd.DataFrame({"item_id": ["i1", "i2", "i3", "i4"],
+                            "title": ["Blue mug", "Tea towel", "Red mug", "Desk lamp"],
+                            "category": ["kitchen", "kitchen", "kitchen", "home"]})
+    write = (lambda f, p: f.to_csv(p, index=False)) if suffix == "csv" else (lambda f, p: f.to_parquet(p))
+    write(interactions, tmp_path / f"interactions.{suffix}")
+    write(catalog, tmp_path / f"catalog.{suffix}")
+    result = prepare(tmp_path / f"interactions.{suffix}", tmp_path / "out", catalog=tmp_path / f"catalog.{suffix}")
+    assert result.summary["regions"]["eu"]["users_with_test"] == 1
+    silos = load_dataset(tmp_path / "out")
+    user_a = silos["eu"].users[0]
+    assert [sorted(silos["eu"].catalog.item_ids[i] for i in b) for b in user_a.baskets] == [["i1", "i2"], ["i3"]]
+    assert user_a.queries == ["", "red mug"]
+    assert silos["uk"].catalog.text(3) == "Desk lamp (home)"
+
+
+def test_generic_unknown_item_is_refused(tmp_path):
+    pd.DataFrame({"user_id": ["a"], "item_id": ["zz"], "timestamp": ["2024-01-01"], "region": ["eu"]}) \
+        .to_csv(tmp_path / "i.csv", index=False)
+    pd.DataFrame({"item_id": ["i1"], "title": ["Mug"]}).to_csv(tmp_path / "c.csv", index=False)
+    with pytest.raises(DataError, match="'zz' is not in the catalog") as info:
+        prepare(tmp_path / "i.csv", tmp_path / "out", catalog=tmp_path / "c.csv")
+    assert info.value.row == 1 and info.value.column == "item_id"

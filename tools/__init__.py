@@ -1,0 +1,1 @@
+"""The `fedrec` command: a thin shell over the library."""

@@ -1,0 +1,3 @@
+from fedrec.tools.cli import main
+
+main()

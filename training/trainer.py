@@ -1,0 +1,101 @@
+"""Non-private training: central (all regions pooled, the upper bound) or one region alone.
+
+`train_epochs` is also what a region runs for a non-private federated round.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fedrec.atomic import write_json
+from fedrec.config import FedrecConfig, TrainConfig
+from fedrec.data.silo import Silo, UserRecord
+from fedrec.evaluation.evaluate import evaluate_ranker
+from fedrec.evaluation.rankers import EncoderRanker
+from fedrec.training.objective import RetrievalObjective, can_train, sample_example
+
+
+def make_optimizer(objective: RetrievalObjective, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = list(objective.teacher.adapter_parameters().values())
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def train_epochs(objective: RetrievalObjective, optimizer: torch.optim.Optimizer,
+                 users: list[UserRecord], cfg: TrainConfig, epochs: int,
+                 rng: np.random.Generator, desc: str = "train") -> list[float]:
+    """Shuffled passes over the users, one example per user per pass; returns each epoch's mean loss."""
+    users = [u for u in users if can_train(u)]
+    losses = []
+    objective.teacher.train()
+    for epoch in range(epochs):
+        if epoch == 0 or not cfg.refresh_catalog_every:
+            objective.refresh_catalog(cfg.eval_batch_size)
+        draws = np.concatenate([rng.permutation(len(users)) for _ in range(cfg.samples_per_user)])
+        total, count = 0.0, 0
+        label = f"{desc} epoch {epoch + 1}/{epochs}" if epochs > 1 else desc
+        bar = tqdm(range(0, len(draws), cfg.batch_size), desc=label,
+                   leave=False, unit="batch")
+        for step, start in enumerate(bar):
+            if cfg.refresh_catalog_every and step and step % cfg.refresh_catalog_every == 0:
+                objective.refresh_catalog(cfg.eval_batch_size)
+            examples = [sample_example(users[i], rng) for i in draws[start:start + cfg.batch_size]]
+            loss = objective(**objective.inputs(examples)).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, count = total + loss.item() * len(examples), count + len(examples)
+            bar.set_postfix(loss=f"{total / count:.4f}")
+        losses.append(total / max(count, 1))
+    return losses
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_val_ndcg: float
+    history: list[dict] = field(default_factory=list)
+
+
+def fit(teacher, silos: dict[str, Silo], config: FedrecConfig, out_dir: str | Path | None = None,
+        log: Callable[[str], None] = print) -> FitResult:
+    """Train on the pooled users of `silos`, early-stopping on validation NDCG@10.
+
+    The best adapters are kept in `teacher` and, with `out_dir`, saved there with the history.
+    """
+    cfg = config.train
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    catalog = next(iter(silos.values())).catalog
+    users = [u for silo in silos.values() for u in silo.users]
+    objective = RetrievalObjective(teacher, catalog)
+    optimizer = make_optimizer(objective, cfg)
+    result, best_state, waited = FitResult(0, -1.0), teacher.adapter_state(), 0
+    for epoch in range(1, cfg.epochs + 1):
+        started = time.perf_counter()
+        (loss,) = train_epochs(objective, optimizer, users, cfg, 1, rng, desc=f"epoch {epoch}/{cfg.epochs}")
+        seconds = time.perf_counter() - started
+        val = evaluate_ranker(EncoderRanker(teacher, catalog, teacher.config.context_items,
+                                            cfg.eval_batch_size), silos, "val")
+        ndcg = val["overall"]["ndcg@10"]
+        result.history.append({"epoch": epoch, "loss": loss, "epoch_seconds": seconds, "val": val})
+        log(f"epoch {epoch}: loss {loss:.4f}, val NDCG@10 {ndcg:.4f} ({seconds:.0f}s)")
+        if ndcg > result.best_val_ndcg:
+            result.best_epoch, result.best_val_ndcg, best_state, waited = epoch, ndcg, teacher.adapter_state(), 0
+            if out_dir:
+                teacher.save(out_dir, {"trained_on": sorted(silos), "epoch": epoch, "val_ndcg@10": ndcg})
+        else:
+            waited += 1
+            if waited >= cfg.patience:
+                log(f"early stop: no validation gain for {cfg.patience} epoch(s)")
+                break
+    teacher.load_adapter_state(best_state)
+    if out_dir:
+        write_json(Path(out_dir) / "history.json", {"config": config.to_flat(), **vars(result)})
+    return result
