@@ -47,9 +47,32 @@ class TrainConfig:
 
 
 @dataclass
+class FederationConfig:
+    """The server's plan. A region's privacy budget is NOT here: regions set it on their side."""
+
+    rounds: int = 3
+    local_epochs: int = 1
+    min_regions: int = 1                   # fewer successful replies than this fails the round
+    strategy: str = "fedavg"               # fedavg | fedprox | fedadam
+    proximal_mu: float = 0.01              # fedprox: weight of the proximal term
+    server_lr: float = 0.01                # fedadam
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
+    clip_update_norm: float = 0.0          # server-side bound on each region's update norm; 0 = off
+    round_timeout: float = 900.0           # seconds to wait for the regions' replies
+    wait_for_regions: float = 300.0        # seconds to wait for min_regions to connect
+    evaluate_every: int = 1                # rounds between evaluations on the regions' own users
+    eval_splits: str = "val,test"
+    run_dir: str = ""                      # the server's run folder (set by `fedrec server`)
+    resume: bool = False                   # continue the run in run_dir from its last round
+
+
+@dataclass
 class FedrecConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
 
     def to_flat(self) -> dict[str, Any]:
         return {

@@ -6,13 +6,17 @@ from __future__ import annotations
 class FedrecError(Exception):
     """A user-facing error. The CLI prints it without a traceback and exits with code 2."""
 
+    def __init__(self, message: str, *, hint: str | None = None):
+        self.hint = hint
+        super().__init__(f"{message}. {hint}" if hint else message)
+
 
 class DataError(FedrecError):
     """Bad input data, located by file, row and column when known."""
 
     def __init__(self, message: str, *, file: str | None = None, row: int | None = None,
                  column: str | None = None, hint: str | None = None):
-        self.file, self.row, self.column, self.hint = file, row, column, hint
+        self.file, self.row, self.column = file, row, column
         where = ", ".join(
             part for part in (
                 f"file {file}" if file else "",
@@ -20,5 +24,4 @@ class DataError(FedrecError):
                 f"column {column!r}" if column else "",
             ) if part
         )
-        text = f"{where}: {message}" if where else message
-        super().__init__(f"{text}. {hint}" if hint else text)
+        super().__init__(f"{where}: {message}" if where else message, hint=hint)

@@ -81,6 +81,9 @@ class Teacher(torch.nn.Module):
         base = AutoModel.from_pretrained(encoder_dir, attn_implementation="eager")
         for parameter in base.parameters():
             parameter.requires_grad_(False)
+        for module in base.modules():       # deterministic embeddings: the loss compares live
+            if isinstance(module, torch.nn.Dropout):   # and cached ones, and DP needs exact
+                module.p = 0.0                          # per-user gradients
         lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
                           lora_dropout=config.lora_dropout, bias="none",
                           target_modules=[t.strip() for t in config.lora_targets.split(",") if t.strip()])

@@ -5,6 +5,8 @@ query of the target basket) and one target item from a later basket. The target 
 the whole public catalog, embedded by the current model and held fixed between refreshes.
 There are no in-batch negatives, so no user's loss or gradient sees another user's items —
 the property user-level DP-SGD relies on.
+
+The teacher runs without dropout, so the live and cached embeddings of an item agree.
 """
 
 from __future__ import annotations
@@ -67,10 +69,12 @@ class RetrievalObjective(torch.nn.Module):
 
     def forward(self, context_ids, context_mask, target_ids, target_mask, target_index) -> torch.Tensor:
         user = self.teacher(context_ids, context_mask)
-        item = self.teacher(target_ids, target_mask)
-        positive = (user * item).sum(-1, keepdim=True)
-        negatives = user @ self.catalog_embeddings.T
-        # The target's own (stale) catalog row is not a negative.
-        negatives = negatives.masked_fill(F.one_hot(target_index, negatives.shape[1]).bool(), float("-inf"))
-        logits = torch.cat([positive, negatives], dim=1) / self.teacher.config.temperature
-        return F.cross_entropy(logits, torch.zeros_like(target_index), reduction="none")
+        live = self.teacher(target_ids, target_mask)
+        cached = self.catalog_embeddings[target_index]
+        # Straight-through: the target's logit takes the same (cached) value as every other item,
+        # so a live-vs-cached difference is no shortcut; its gradient still trains the item tower.
+        target = cached + (live - live.detach())
+        logits = user @ self.catalog_embeddings.T
+        positive = (user * target).sum(-1)
+        logits = logits.scatter(1, target_index[:, None], positive[:, None])
+        return F.cross_entropy(logits / self.teacher.config.temperature, target_index, reduction="none")

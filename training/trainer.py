@@ -29,8 +29,11 @@ def make_optimizer(objective: RetrievalObjective, cfg: TrainConfig) -> torch.opt
 
 def train_epochs(objective: RetrievalObjective, optimizer: torch.optim.Optimizer,
                  users: list[UserRecord], cfg: TrainConfig, epochs: int,
-                 rng: np.random.Generator, desc: str = "train") -> list[float]:
-    """Shuffled passes over the users, one example per user per pass; returns each epoch's mean loss."""
+                 rng: np.random.Generator, desc: str = "train",
+                 regulariser: Callable[[], torch.Tensor] | None = None) -> list[float]:
+    """Shuffled passes over the users, one example per user per pass; returns each epoch's mean loss.
+
+    `regulariser` adds a data-independent term to every step's loss (FedProx's proximal term)."""
     users = [u for u in users if can_train(u)]
     losses = []
     objective.teacher.train()
@@ -48,7 +51,7 @@ def train_epochs(objective: RetrievalObjective, optimizer: torch.optim.Optimizer
             examples = [sample_example(users[i], rng) for i in draws[start:start + cfg.batch_size]]
             loss = objective(**objective.inputs(examples)).mean()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss + regulariser() if regulariser else loss).backward()
             optimizer.step()
             total, count = total + loss.item() * len(examples), count + len(examples)
             bar.set_postfix(loss=f"{total / count:.4f}")

@@ -1,0 +1,1 @@
+"""Federation over Flower: regions train adapters next to their data; only adapters travel."""

@@ -1,0 +1,36 @@
+"""The Flower ClientApp: a region's SuperNode answers train and evaluate messages."""
+
+from __future__ import annotations
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedrec.config import FedrecConfig
+from fedrec.federation.coordinator import from_record, to_record
+from fedrec.federation.region import RegionSettings, evaluate_round, train_round
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    settings = RegionSettings.from_node_config(context.node_config)
+    config = FedrecConfig.from_flat(context.run_config)
+    round_config = msg.content["config"]
+    result = train_round(settings, config, from_record(msg.content["arrays"]),
+                         int(round_config["round"]), str(round_config["run"]))
+    content = RecordDict({"metrics": MetricRecord(result.metrics),
+                          "info": ConfigRecord({**result.info, "status": result.status})})
+    if result.adapters is not None:
+        content["arrays"] = to_record(result.adapters)
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    settings = RegionSettings.from_node_config(context.node_config)
+    config = FedrecConfig.from_flat(context.run_config)
+    splits = [s for s in str(msg.content["config"]["splits"]).split(",") if s]
+    metrics = evaluate_round(settings, config, from_record(msg.content["arrays"]), splits)
+    return Message(RecordDict({"metrics": MetricRecord(metrics),
+                               "info": ConfigRecord({"region": settings.region})}), reply_to=msg)

@@ -1,0 +1,142 @@
+"""The server's loop over rounds, on Flower's Grid (Message API).
+
+Each round: wait for enough regions, send them the global adapters, collect updates (a region
+may decline when its privacy budget is spent, or drop out), aggregate, let the regions evaluate
+the new global adapters on their own users, and checkpoint. Only adapters and small records
+travel.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from fedrec.config import FedrecConfig
+from fedrec.errors import FedrecError
+from fedrec.federation.run_folder import RunFolder
+from fedrec.federation.strategy import Aggregator, RegionUpdate
+
+State = dict[str, np.ndarray]
+
+
+def to_record(adapters: State) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in adapters.items()})
+
+
+def from_record(record: ArrayRecord) -> State:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def state_bytes(adapters: State) -> int:
+    return int(sum(v.nbytes for v in adapters.values()))
+
+
+def log(text: str) -> None:
+    print(f"[fedrec server] {text}", flush=True)
+
+
+class Coordinator:
+    def __init__(self, grid: Grid, config: FedrecConfig, run_name: str):
+        self.grid, self.config, self.run_name = grid, config, run_name
+        self.region_of: dict[int, str] = {}          # node id → region, learnt from replies
+
+    def name(self, node: int) -> str:
+        return self.region_of.get(node, f"node {node}")
+
+    def wait_for_regions(self) -> list[int]:
+        fed = self.config.federation
+        deadline = time.monotonic() + fed.wait_for_regions
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= fed.min_regions:
+                return nodes
+            if time.monotonic() > deadline:
+                raise FedrecError(f"only {len(nodes)} region(s) connected after {fed.wait_for_regions:.0f}s; "
+                                  f"need {fed.min_regions}",
+                                  hint="Start more `fedrec client` processes or lower --min-regions.")
+            time.sleep(1.0)
+
+    def exchange(self, nodes: list[int], kind: str, adapters: State, config: dict,
+                 server_round: int) -> tuple[dict[int, Message], dict[int, str]]:
+        """Send one message per node; returns replies by node and failures (node → reason)."""
+        messages = [Message(RecordDict({"arrays": to_record(adapters), "config": ConfigRecord(config)}),
+                            dst_node_id=node, message_type=kind, group_id=str(server_round))
+                    for node in nodes]
+        replies = self.grid.send_and_receive(messages, timeout=self.config.federation.round_timeout)
+        node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        ok, failed = {}, {}
+        for reply in replies:
+            node = node_of[reply.metadata.reply_to_message_id]
+            if reply.has_error():
+                failed[node] = f"error {reply.error.code}: {reply.error.reason}"
+            else:
+                ok[node] = reply
+                self.region_of[node] = str(reply.content["info"]["region"])
+        for node in nodes:
+            if node not in ok and node not in failed:
+                failed[node] = f"no reply within {self.config.federation.round_timeout:.0f}s"
+        return ok, failed
+
+    def run(self, run: RunFolder, initial: State) -> State:
+        fed = self.config.federation
+        last = run.last_round()
+        if last:
+            adapters, moments = run.load_round(last)
+            log(f"resuming after round {last}")
+        else:
+            adapters, moments = initial, {}
+        aggregator = Aggregator(fed, moments)
+        for server_round in range(last + 1, fed.rounds + 1):
+            started = time.perf_counter()
+            nodes = self.wait_for_regions()
+            replies, failed = self.exchange(nodes, "train", adapters,
+                                            {"round": server_round, "run": self.run_name}, server_round)
+            record = {"round": server_round, "regions": {}, "dropped": {}, "declined": {}}
+            updates, claims = [], {}
+            for node, reply in replies.items():
+                info = dict(reply.content["info"])
+                metrics = dict(reply.content["metrics"])
+                region = info["region"]
+                if info.get("dp"):
+                    claims[region] = {k: info[k] for k in ("epsilon", "delta", "accountant", "ledger_head",
+                                                           "budget_epsilon") if k in info}
+                if info.get("status") == "declined":
+                    record["declined"][region] = info.get("reason", "")
+                    log(f"round {server_round}: {info.get('reason', region + ' declined')}")
+                    continue
+                sent = from_record(reply.content["arrays"])
+                updates.append(RegionUpdate(region, sent, int(metrics["num_examples"])))
+                record["regions"][region] = {**metrics, "bytes_sent": state_bytes(sent),
+                                             **{k: v for k, v in info.items() if k in ("epsilon", "noise_multiplier")}}
+            for node, reason in failed.items():
+                record["dropped"][self.name(node)] = reason
+                log(f"round {server_round}: region {self.name(node)} dropped ({reason})")
+            if not updates:
+                if record["declined"] and not failed:
+                    log("every region declined (privacy budgets spent): ending the run")
+                    break
+                raise FedrecError(f"round {server_round}: no region returned an update")
+            if len(updates) < fed.min_regions:
+                raise FedrecError(f"round {server_round}: {len(updates)} update(s), fewer than "
+                                  f"--min-regions {fed.min_regions}")
+            adapters, norms = aggregator.aggregate(adapters, updates)
+            for region, norm in norms.items():
+                record["regions"][region]["update_norm"] = norm
+            if server_round % max(fed.evaluate_every, 1) == 0 or server_round == fed.rounds:
+                trained = [n for n, r in replies.items() if r.content["info"].get("status") != "declined"]
+                evaluated, eval_failed = self.exchange(trained, "evaluate", adapters,
+                                                       {"splits": fed.eval_splits}, server_round)
+                for node, reply in evaluated.items():
+                    record["regions"].setdefault(self.name(node), {}).update(dict(reply.content["metrics"]))
+                for node, reason in eval_failed.items():
+                    log(f"round {server_round}: region {self.name(node)} did not evaluate ({reason})")
+            record["seconds"] = time.perf_counter() - started
+            run.complete_round(server_round, adapters, aggregator.moments, record, claims)
+            summary = ", ".join(f"{r}: loss {m.get('train_loss', float('nan')):.3f}"
+                                + (f" val NDCG@10 {m['val_ndcg@10']:.4f}" if "val_ndcg@10" in m else "")
+                                for r, m in sorted(record["regions"].items()))
+            log(f"round {server_round}/{fed.rounds} done in {record['seconds']:.0f}s — {summary}")
+        return adapters

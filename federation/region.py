@@ -1,0 +1,136 @@
+"""What a region does in a round, independent of Flower: train on its own silo (with DP unless
+its operator opted out), record the spend, evaluate on its own users, keep a copy of each update."""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedrec.atomic import atomic_file
+from fedrec.config import FedrecConfig
+from fedrec.data.silo import Silo, load_silo
+from fedrec.errors import FedrecError
+from fedrec.evaluation.evaluate import evaluate_ranker
+from fedrec.evaluation.rankers import EncoderRanker
+from fedrec.model.teacher import Teacher, pick_device
+from fedrec.privacy.budget import RegionBudget
+from fedrec.privacy.dp_sgd import train_private
+from fedrec.privacy.spend import RegionPrivacy
+from fedrec.training.objective import RetrievalObjective, can_train
+from fedrec.training.trainer import make_optimizer, train_epochs
+
+State = dict[str, np.ndarray]
+
+
+@dataclass
+class RegionSettings:
+    """Set by the region's operator (node config), never by the server."""
+
+    region: str
+    data: str                       # the region's silo folder (OUT/<region> of `fedrec data prepare`)
+    state_dir: str                  # the region's own records: ledger, copies of sent updates
+    budget: RegionBudget
+
+    @classmethod
+    def from_node_config(cls, node_config: dict) -> "RegionSettings":
+        missing = [k for k in ("region", "data") if not str(node_config.get(k, "")).strip()]
+        if missing:
+            raise FedrecError(f"node config lacks {', '.join(missing)}",
+                              hint="Start the SuperNode with `fedrec client --region NAME --data DIR`.")
+        data = str(node_config["data"])
+        state_dir = str(node_config.get("state_dir", "")) or str(Path(data) / ".fedrec")
+        return cls(str(node_config["region"]), data, state_dir, RegionBudget.from_node_config(node_config))
+
+    def silo(self) -> Silo:
+        return load_silo(self.data)
+
+
+@dataclass
+class RoundResult:
+    status: str                                  # "trained" | "declined"
+    adapters: State | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    info: dict[str, str | bool | float] = field(default_factory=dict)
+
+
+def build_teacher(config: FedrecConfig, adapters: State) -> Teacher:
+    teacher = Teacher(config.model).to(pick_device())
+    teacher.load_adapter_state(adapters)
+    return teacher
+
+
+def proximal_term(teacher: Teacher, anchor: State, mu: float):
+    """FedProx: mu/2 · ||w − w_global||², pulling local adapters towards the global ones."""
+    params = teacher.adapter_parameters()
+    anchors = {k: torch.as_tensor(v, device=teacher.device) for k, v in anchor.items()}
+    return lambda: 0.5 * mu * sum(((params[k] - anchors[k]) ** 2).sum() for k in params)
+
+
+def train_round(settings: RegionSettings, config: FedrecConfig, adapters: State,
+                server_round: int, run: str) -> RoundResult:
+    """One local round; under DP the ledger entry is fsync'd before this returns the update."""
+    started = time.perf_counter()
+    silo = settings.silo()
+    users = [u for u in silo.users if can_train(u)]
+    seed = config.train.seed + 1000 * server_round + zlib.crc32(settings.region.encode())
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    fed, budget = config.federation, settings.budget
+    info: dict = {"region": settings.region, "dp": budget.enabled}
+    if budget.enabled:
+        privacy = RegionPrivacy(settings.region, budget, settings.state_dir)
+        decision = privacy.plan_round(len(users), config.train.batch_size, fed.local_epochs, fed.rounds)
+        info.update(epsilon=decision.spent_epsilon, delta=budget.delta, accountant=budget.accountant,
+                    budget_epsilon=budget.epsilon, ledger_head=privacy.ledger.head())
+        if not decision.allowed:
+            return RoundResult("declined", None, {"num_examples": 0}, {**info, "reason": decision.reason})
+
+    teacher = build_teacher(config, adapters)
+    objective = RetrievalObjective(teacher, silo.catalog)
+    regulariser = proximal_term(teacher, adapters, fed.proximal_mu) if fed.strategy == "fedprox" else None
+    label = f"{settings.region} round {server_round}"
+    if budget.enabled:
+        loss = train_private(objective, users, config.train, decision.plan, rng, label, regulariser)
+        entry = privacy.record(decision, run, server_round)
+        info.update(epsilon=entry.epsilon, ledger_head=privacy.ledger.head(),
+                    noise_multiplier=decision.plan.noise_multiplier)
+    else:
+        loss = train_epochs(objective, make_optimizer(objective, config.train), users, config.train,
+                            fed.local_epochs, rng, label, regulariser)[-1]
+    new_adapters = teacher.adapter_state()
+    keep_sent_update(settings, run, server_round, new_adapters, len(users))
+    metrics = {"num_examples": len(users), "train_loss": float(loss),
+               "train_seconds": time.perf_counter() - started}
+    return RoundResult("trained", new_adapters, metrics, info)
+
+
+def evaluate_round(settings: RegionSettings, config: FedrecConfig, adapters: State,
+                   splits: list[str]) -> dict[str, float]:
+    """Full-ranking metrics of the global adapters on this region's own users."""
+    silo = settings.silo()
+    teacher = build_teacher(config, adapters)
+    ranker = EncoderRanker(teacher, silo.catalog, config.model.context_items, config.train.eval_batch_size)
+    out = {}
+    for split in splits:
+        result = evaluate_ranker(ranker, {settings.region: silo}, split)[settings.region]
+        out.update({f"{split}_{k}": float(v) for k, v in result.items()})
+    return out
+
+
+def sent_update_path(state_dir: str | Path, run: str, server_round: int) -> Path:
+    return Path(state_dir) / "sent" / run / f"round-{server_round:04d}.npz"
+
+
+def keep_sent_update(settings: RegionSettings, run: str, server_round: int, adapters: State,
+                     num_examples: int) -> Path:
+    """The region's own copy of what it sent, so it can check what the server did with it."""
+    path = sent_update_path(settings.state_dir, run, server_round)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path, "wb") as handle:
+        np.savez(handle, __num_examples__=np.array(num_examples), **adapters)
+    return path

@@ -1,0 +1,183 @@
+"""User-level DP-SGD, accounting and the ledger, with real Opacus and dp-accounting."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from opacus.grad_sample import GradSampleModule
+from opacus.optimizers import DPOptimizer
+
+from fedrec.config import FedrecConfig
+from fedrec.data.silo import load_dataset
+from fedrec.errors import FedrecError
+from fedrec.model.teacher import Teacher
+from fedrec.privacy.accountant import noise_for_budget, opacus_epsilon, pld_epsilon
+from fedrec.privacy.budget import RegionBudget
+from fedrec.privacy.dp_sgd import DPPlan, train_private
+from fedrec.privacy.ledger import Ledger, LedgerError
+from fedrec.privacy.spend import RegionPrivacy
+from fedrec.training.objective import Example, RetrievalObjective, can_train
+
+
+def objective_for(tiny_encoder, prepared, perturb=0.05):
+    silos = load_dataset(prepared)
+    torch.manual_seed(0)
+    teacher = Teacher(FedrecConfig.from_flat({"model.encoder": str(tiny_encoder)}).model)
+    with torch.no_grad():        # non-zero LoRA B, so every adapter tensor gets a gradient
+        for p in teacher.adapter_parameters().values():
+            p.add_(perturb * torch.randn_like(p))
+    objective = RetrievalObjective(teacher, silos["uk"].catalog)
+    objective.refresh_catalog()
+    return objective, silos
+
+
+def per_user_grads(objective, examples):
+    model = GradSampleModule(objective, loss_reduction="mean")
+    try:
+        model(**objective.inputs(examples)).mean().backward()
+        grads = torch.cat([p.grad_sample.flatten(1) for p in objective.teacher.adapter_parameters().values()], 1)
+    finally:
+        model.to_standard_module()
+        for p in objective.teacher.adapter_parameters().values():
+            p.grad = None
+    return grads
+
+
+def test_changing_one_user_changes_only_that_users_per_sample_gradient(tiny_encoder, prepared):
+    objective, _ = objective_for(tiny_encoder, prepared)
+    examples = [Example(np.array([1, 2, 3]), "", 4), Example(np.array([5, 6]), "", 7),
+                Example(np.array([8, 9]), "lamp", 10), Example(np.array([11]), "", 12)]
+    changed = list(examples)
+    changed[2] = Example(np.array([20, 21, 22]), "", 23)
+    before, after = per_user_grads(objective, examples), per_user_grads(objective, changed)
+    for i in (0, 1, 3):
+        torch.testing.assert_close(before[i], after[i], atol=1e-6, rtol=1e-5)
+    assert (before[2] - after[2]).norm() > 1e-4
+    # Opacus' per-user gradients agree with plain autograd on each example alone
+    for i in range(len(examples)):
+        loss = objective(**objective.inputs([examples[i]]))[0]
+        grads = torch.autograd.grad(loss, list(objective.teacher.adapter_parameters().values()))
+        torch.testing.assert_close(before[i], torch.cat([g.flatten() for g in grads]), atol=1e-6, rtol=1e-4)
+
+
+def test_dp_round_changes_lora_weights(tiny_encoder, prepared):
+    objective, silos = objective_for(tiny_encoder, prepared, perturb=0.0)
+    users = [u for u in silos["uk"].users if can_train(u)]
+    before = objective.teacher.adapter_state()
+    cfg = FedrecConfig.from_flat({"train.lr": 0.01}).train
+    loss = train_private(objective, users, cfg, DPPlan(len(users), 0.25, 3, 1.0, 1.0), np.random.default_rng(0))
+    after = objective.teacher.adapter_state()
+    assert np.isfinite(loss)
+    for name in before:
+        assert not np.allclose(before[name], after[name]), f"{name} did not move under DP"
+    # the hooks are gone: the teacher trains and encodes normally afterwards
+    assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None
+                   for p in objective.teacher.adapter_parameters().values())
+
+
+@pytest.mark.parametrize("sigma, clip, batch", [(1.0, 1.0, 8), (0.7, 2.0, 32)])
+def test_noise_std_matches_sigma_c_over_b(tiny_encoder, prepared, sigma, clip, batch):
+    objective, _ = objective_for(tiny_encoder, prepared)
+    params = list(objective.teacher.adapter_parameters().values())
+    model = GradSampleModule(objective, loss_reduction="mean")
+    optimizer = DPOptimizer(torch.optim.SGD(params, lr=1.0), noise_multiplier=sigma, max_grad_norm=clip,
+                            expected_batch_size=batch)
+    examples = [Example(np.array([1, 2]), "", 3 + i) for i in range(4)]
+    samples = []
+    try:
+        for _ in range(20):
+            optimizer.zero_grad()
+            (model(**objective.inputs(examples)) * 0.0).mean().backward()   # zero gradients
+            assert optimizer.pre_step()
+            samples.append(torch.cat([p.grad.flatten() for p in params]))
+    finally:
+        model.to_standard_module()
+    noise = torch.cat(samples)
+    expected = sigma * clip / batch
+    assert abs(noise.mean().item()) < 4 * expected / noise.numel() ** 0.5
+    assert noise.std().item() == pytest.approx(expected, rel=0.03)
+
+
+@pytest.mark.parametrize("q, sigma, steps", [(0.01, 1.0, 1000), (0.05, 0.8, 200), (0.2, 1.5, 50), (0.1, 2.0, 30)])
+def test_opacus_prv_agrees_with_dp_accounting_pld(q, sigma, steps):
+    prv = opacus_epsilon([(sigma, q, steps)], 1e-5, "prv")
+    pld = pld_epsilon([(sigma, q, steps)], 1e-5)
+    assert prv == pytest.approx(pld, rel=0.05)
+    assert opacus_epsilon([(sigma, q, steps)], 1e-5, "rdp") >= prv    # RDP is the looser bound
+
+
+def test_derived_sigma_meets_the_budget_over_the_whole_run():
+    sigma = noise_for_budget(3.0, 1e-5, 0.05, 200)
+    assert opacus_epsilon([(sigma, 0.05, 200)], 1e-5) <= 3.0
+    assert opacus_epsilon([(sigma * 0.9, 0.05, 200)], 1e-5) > 3.0 * 0.98
+
+
+SPEND_ONE_ROUND = """
+import sys
+from fedrec.privacy.budget import RegionBudget
+from fedrec.privacy.spend import RegionPrivacy
+privacy = RegionPrivacy("eu", RegionBudget(epsilon=50, delta=1e-5), sys.argv[1])
+decision = privacy.plan_round(users=400, batch_size=40, local_epochs=1, planned_rounds=4)
+print(privacy.record(decision, "run", int(sys.argv[2])).epsilon)
+"""
+
+
+def test_cumulative_epsilon_across_processes_equals_one_accountant(tmp_path):
+    eps = [float(subprocess.run([sys.executable, "-c", SPEND_ONE_ROUND, str(tmp_path), str(r)],
+                                capture_output=True, text=True, check=True).stdout) for r in (1, 2, 3)]
+    entries = Ledger(tmp_path / "ledger.jsonl").entries()
+    assert [e.round for e in entries] == [1, 2, 3] and eps == [e.epsilon for e in entries]
+    sigma, q = entries[0].noise_multiplier, entries[0].sample_rate
+    assert all(e.noise_multiplier == sigma for e in entries), "σ is fixed for the whole run"
+    one_accountant = opacus_epsilon([(sigma, q, sum(e.steps for e in entries))], 1e-5)
+    assert eps[-1] == pytest.approx(one_accountant, rel=1e-9)
+    assert eps[0] < eps[1] < eps[2]
+
+
+def test_budget_declines_the_round_that_would_overspend(tmp_path):
+    privacy = RegionPrivacy("row", RegionBudget(epsilon=2.0, delta=1e-4, noise_multiplier=2.0), tmp_path)
+    recorded = 0
+    for server_round in range(1, 30):
+        decision = privacy.plan_round(users=100, batch_size=20, local_epochs=1, planned_rounds=3)
+        if not decision.allowed:
+            break
+        privacy.record(decision, "run", server_round)
+        recorded += 1
+    assert 0 < recorded < 29
+    assert "declines" in decision.reason and decision.projected_epsilon > 2.0
+    assert privacy.spent() <= 2.0 and len(privacy.ledger.entries()) == recorded
+    with pytest.raises(FedrecError, match="cannot record"):
+        privacy.record(decision, "run", 99)
+
+
+def test_delta_must_be_below_one_over_users(tmp_path):
+    privacy = RegionPrivacy("row", RegionBudget(epsilon=8, delta=0.01), tmp_path)
+    with pytest.raises(FedrecError, match="not below 1/users"):
+        privacy.plan_round(users=200, batch_size=10, local_epochs=1, planned_rounds=1)
+
+
+def test_tampered_ledgers_are_detected(tmp_path):
+    privacy = RegionPrivacy("eu", RegionBudget(epsilon=50, delta=1e-5, noise_multiplier=1.0), tmp_path)
+    for r in (1, 2, 3):
+        privacy.record(privacy.plan_round(400, 40, 1, 3), "run", r)
+    path = privacy.ledger.path
+    lines = path.read_text().splitlines()
+
+    def broken(text):
+        path.write_text(text)
+        with pytest.raises(LedgerError) as info:
+            Ledger(path).entries()
+        return str(info.value)
+
+    edited = json.loads(lines[1])
+    edited["epsilon"] = 0.01
+    assert "entry 3" in broken("\n".join([lines[0], json.dumps(edited, sort_keys=True, separators=(",", ":")),
+                                           lines[2]]) + "\n")
+    assert "entry 2" in broken("\n".join([lines[0], lines[2], lines[1]]) + "\n")
+    assert "entry 1" in broken("\n".join(lines[1:]) + "\n")
+    assert "entry 3" in broken("\n".join(lines[:2] + [lines[2][:40]]) + "\n")
