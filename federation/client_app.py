@@ -34,3 +34,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics = evaluate_round(settings, config, from_record(msg.content["arrays"]), splits)
     return Message(RecordDict({"metrics": MetricRecord(metrics),
                                "info": ConfigRecord({"region": settings.region})}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Which region this node serves (so the server can name regions that drop out)."""
+    settings = RegionSettings.from_node_config(context.node_config)
+    return Message(RecordDict({"info": ConfigRecord({"region": settings.region})}), reply_to=msg)

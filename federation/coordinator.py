@@ -52,6 +52,7 @@ class Coordinator:
         while True:
             nodes = sorted(self.grid.get_node_ids())
             if len(nodes) >= fed.min_regions:
+                self.identify([n for n in nodes if n not in self.region_of])
                 return nodes
             if time.monotonic() > deadline:
                 raise FedrecError(f"only {len(nodes)} region(s) connected after {fed.wait_for_regions:.0f}s; "
@@ -59,11 +60,18 @@ class Coordinator:
                                   hint="Start more `fedrec client` processes or lower --min-regions.")
             time.sleep(1.0)
 
-    def exchange(self, nodes: list[int], kind: str, adapters: State, config: dict,
+    def identify(self, nodes: list[int]) -> None:
+        """Ask newly connected nodes which region they serve, so logs can name them."""
+        if nodes:
+            self.exchange(nodes, "query", None, {}, 0)
+
+    def exchange(self, nodes: list[int], kind: str, adapters: State | None, config: dict,
                  server_round: int) -> tuple[dict[int, Message], dict[int, str]]:
         """Send one message per node; returns replies by node and failures (node → reason)."""
-        messages = [Message(RecordDict({"arrays": to_record(adapters), "config": ConfigRecord(config)}),
-                            dst_node_id=node, message_type=kind, group_id=str(server_round))
+        content = {"config": ConfigRecord(config)}
+        if adapters is not None:
+            content["arrays"] = to_record(adapters)
+        messages = [Message(RecordDict(content), dst_node_id=node, message_type=kind, group_id=str(server_round))
                     for node in nodes]
         replies = self.grid.send_and_receive(messages, timeout=self.config.federation.round_timeout)
         node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}

@@ -53,9 +53,15 @@ class Process:
     name: str
     popen: subprocess.Popen
     log: Path
+    offset: int = 0          # where this process's output starts in a log shared with earlier runs
 
     def text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
+        """What this process has logged (not what an earlier process left in the same file)."""
+        if not self.log.exists():
+            return ""
+        with open(self.log, "rb") as handle:
+            handle.seek(self.offset)
+            return handle.read().decode(errors="replace")
 
     def wait_for(self, line: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -98,9 +104,10 @@ def spawn(name: str, args: list[str], log_dir: Path, home: Path) -> Process:
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"{name}.log"
     with open(log, "ab") as handle:
+        offset = handle.tell()
         popen = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                  env=flower_env(home), start_new_session=True)
-    return Process(name, popen, log)
+    return Process(name, popen, log, offset)
 
 
 def start_superlink(address: str, state_dir: Path, tls: ServerTLS | None, auth: bool = False,

@@ -47,4 +47,4 @@ class RegionBudget:
         if users is not None and self.delta >= 1 / users:
             raise FedrecError(f"δ={self.delta:g} is not below 1/users = 1/{users} = {1 / users:.3g}: "
                               "a mechanism could then reveal a whole user's data outright",
-                              hint=f"Choose δ < {1 / users:.1g} (commonly ≤ 1/(10·users)).")
+                              hint=f"Choose δ < {1 / users:.3g} (commonly ≤ 1/(10·users)).")

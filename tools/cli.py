@@ -15,8 +15,10 @@ app = typer.Typer(help="Federated, differentially private search and recommendat
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Turn raw transactions into regional silos.", no_args_is_help=True)
 model_app = typer.Typer(help="Encoders for the teacher.", no_args_is_help=True)
+privacy_app = typer.Typer(help="Plan a region's privacy budget.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(model_app, name="model")
+app.add_typer(privacy_app, name="privacy")
 
 DEFAULT_SOURCE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "online-retail" / "online_retail.csv.gz"
 ConfigOption = typer.Option(None, "--config", help="TOML file with [model] and [train] tables.")
@@ -130,3 +132,193 @@ def evaluate(
     if json_out:
         write_json(json_out, {"split": split, "data": str(data), "report": report})
         typer.echo(f"wrote {json_out}")
+
+
+# -- federation --------------------------------------------------------------------------------
+def _budget(no_dp: bool, epsilon: float, delta: float, max_grad_norm: float, noise_multiplier: float,
+            accountant: str):
+    from fedrec.privacy.budget import RegionBudget
+
+    budget = RegionBudget(epsilon=epsilon, delta=delta, max_grad_norm=max_grad_norm,
+                          noise_multiplier=noise_multiplier, accountant=accountant, enabled=not no_dp)
+    budget.validate()
+    return budget
+
+
+NoDP = typer.Option(False, "--no-dp", help="Train this region WITHOUT differential privacy (explicit opt-out).")
+Epsilon = typer.Option(8.0, help="The region's total privacy budget ε across all rounds.")
+Delta = typer.Option(1e-5, help="δ of the region's (ε, δ) guarantee; must be below 1/users.")
+MaxGradNorm = typer.Option(1.0, help="C: each user's gradient is clipped to this norm.")
+NoiseMultiplier = typer.Option(0.0, help="σ; 0 derives it from ε for the planned rounds.")
+Accountant = typer.Option("prv", help="prv (default) or rdp.")
+
+
+@app.command()
+def certs(out: Path = typer.Option(..., "--out", help="Folder for ca.crt, server.pem, server.key and node keys."),
+          host: List[str] = typer.Option(["127.0.0.1", "localhost"], help="Names the SuperLink is reached by."),
+          node: List[str] = typer.Option([], help="Create an authentication key pair for this SuperNode name."),
+) -> None:
+    """Create a development CA, a SuperLink certificate and SuperNode key pairs."""
+    from fedrec.federation.certs import create_dev_pki, create_node_key
+
+    tls = create_dev_pki(out, host)
+    typer.echo(f"CA {tls.ca}\nSuperLink certificate {tls.cert}, key {tls.key}")
+    for name in node:
+        private, public = create_node_key(out, name)
+        typer.echo(f"node {name}: private key {private} (stays with the region), public key {public} (register it)")
+
+
+@app.command()
+def server(
+    run_dir: Path = typer.Option(..., "--run-dir", help="Run folder: config, checkpoints, metrics, final teacher."),
+    rounds: Optional[int] = typer.Option(None, help="Number of rounds (default from the config)."),
+    min_regions: Optional[int] = typer.Option(None, help="Fewest regions that must reply for a round to count."),
+    resume: bool = typer.Option(False, help="Continue the run in --run-dir from its last completed round."),
+    listen: str = typer.Option("127.0.0.1:8000", help="Address for the SuperLink this command starts."),
+    superlink: Optional[str] = typer.Option(None, help="Attach to a running SuperLink at HOST:PORT instead."),
+    certs_dir: Optional[Path] = typer.Option(None, "--certs", help="Folder with ca.crt, server.pem, server.key."),
+    insecure: bool = typer.Option(False, "--insecure", help="Plain-text HTTP (explicit opt-out of TLS)."),
+    auth: bool = typer.Option(False, help="Only registered SuperNodes may join (needs TLS)."),
+    register: List[Path] = typer.Option([], help="Register this SuperNode public key (repeatable)."),
+    config: Optional[Path] = ConfigOption,
+    set_: List[str] = SetOption,
+) -> None:
+    """Coordinate a federation: start (or attach to) a SuperLink, submit the run, follow it."""
+    from fedrec.federation.certs import ServerTLS
+    from fedrec.federation.deployment import Control, start_superlink
+    from fedrec.federation.launch import submit_and_follow
+
+    cfg = _config(config, set_)
+    if rounds is not None:
+        cfg.federation.rounds = rounds
+    if min_regions is not None:
+        cfg.federation.min_regions = min_regions
+    if not insecure and certs_dir is None:
+        raise FedrecError("TLS is on by default and needs --certs DIR",
+                          hint="Create one with `fedrec certs --out DIR`, or pass --insecure on a trusted network.")
+    tls = None if insecure else ServerTLS.in_dir(certs_dir)
+    process = None
+    address = superlink or listen
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        if superlink is None:
+            process = start_superlink(listen, run_dir / "superlink", tls, auth)
+            typer.echo(f"SuperLink listening on {listen} ({'TLS' if tls else 'insecure'}"
+                       f"{', node authentication' if auth else ''}); log {process.log}")
+        control = Control(address, tls.ca if tls else None)
+        for key in register:
+            typer.echo(f"registered {key} as node {control.register_node(key)}")
+        history = submit_and_follow(control, cfg, run_dir, resume, typer.echo)
+        typer.echo(f"done: {len(history)} round(s) in this run folder; final teacher in {run_dir / 'final'}")
+    except KeyboardInterrupt:
+        typer.echo("interrupted")
+        raise typer.Exit(130)
+    finally:
+        if process is not None:
+            process.stop()
+
+
+@app.command()
+def client(
+    region: str = typer.Option(..., help="This region's name, e.g. eu."),
+    data: Path = typer.Option(..., help="This region's silo folder (OUT/<region> of `fedrec data prepare`)."),
+    superlink: str = typer.Option(..., help="The coordinator's SuperLink HOST:PORT."),
+    state_dir: Optional[Path] = typer.Option(None, help="The region's own records (ledger, sent updates); default DATA/.fedrec."),
+    root_cert: Optional[Path] = typer.Option(None, help="CA certificate that signed the SuperLink's certificate."),
+    insecure: bool = typer.Option(False, "--insecure", help="Plain-text HTTP (explicit opt-out of TLS)."),
+    auth_key: Optional[Path] = typer.Option(None, help="This node's private key, when the SuperLink requires registered nodes."),
+    no_dp: bool = NoDP, epsilon: float = Epsilon, delta: float = Delta, max_grad_norm: float = MaxGradNorm,
+    noise_multiplier: float = NoiseMultiplier, accountant: str = Accountant,
+) -> None:
+    """Join a federation as one region (a Flower SuperNode). The privacy budget is set here."""
+    from fedrec.data.silo import load_silo
+    from fedrec.federation.deployment import start_supernode
+    from fedrec.federation.launch import RegionNode
+    from fedrec.training.objective import can_train
+
+    if not insecure and root_cert is None:
+        raise FedrecError("TLS is on by default and needs --root-cert CA.crt",
+                          hint="Pass the coordinator's CA certificate, or --insecure on a trusted network.")
+    budget = _budget(no_dp, epsilon, delta, max_grad_norm, noise_multiplier, accountant)
+    users = sum(can_train(u) for u in load_silo(data).users)
+    budget.validate(users)             # refuse δ ≥ 1/users before joining anything
+    node = RegionNode(region, data, state_dir or data / ".fedrec", budget)
+    process = start_supernode(f"supernode-{region}", superlink, node.node_config(), node.state_dir,
+                              None if insecure else root_cert, auth_key, wait=False)
+    typer.echo(f"region {region}: {users} users, {'DP ε=%g δ=%g' % (epsilon, delta) if budget.enabled else 'NO DP'}; "
+               f"SuperNode log {process.log}")
+    try:
+        process.wait_for("SuperNode ID:", 120)
+        typer.echo("connected; waiting for rounds (Ctrl-C to leave)")
+        code = process.popen.wait()
+        raise FedrecError(f"the SuperNode exited with code {code}; see {process.log}")
+    except KeyboardInterrupt:
+        typer.echo("leaving the federation")
+    finally:
+        process.stop()
+
+
+@app.command()
+def simulate(
+    data: Path = typer.Option(..., "--data", help="Output folder of `fedrec data prepare`."),
+    regions: str = typer.Option("all", help="Comma list of regions, or 'all'."),
+    run_dir: Path = typer.Option(Path("runs/simulate"), "--run-dir", help="Run folder (region records under regions/)."),
+    rounds: Optional[int] = typer.Option(None, help="Number of rounds (default from the config)."),
+    resume: bool = typer.Option(False, help="Continue the run in --run-dir."),
+    insecure: bool = typer.Option(False, "--insecure", help="Skip TLS on loopback."),
+    encoder: Optional[str] = typer.Option(None, help="Encoder directory (default: bundled all-MiniLM-L6-v2)."),
+    no_dp: bool = NoDP, epsilon: float = Epsilon, delta: float = Delta, max_grad_norm: float = MaxGradNorm,
+    noise_multiplier: float = NoiseMultiplier, accountant: str = Accountant,
+    config: Optional[Path] = ConfigOption,
+    set_: List[str] = SetOption,
+) -> None:
+    """Run the whole federation on this machine: a SuperLink and one SuperNode per region, as
+    separate processes on loopback, then tear everything down."""
+    from fedrec.data.silo import dataset_regions
+    from fedrec.federation.launch import simulate as run
+
+    cfg = _config(config, set_, encoder)
+    if rounds is not None:
+        cfg.federation.rounds = rounds
+    names = _regions(regions) or dataset_regions(data)
+    budget = _budget(no_dp, epsilon, delta, max_grad_norm, noise_multiplier, accountant)
+    history = run(data, names, run_dir, cfg, {r: budget for r in names}, tls=not insecure, resume=resume,
+                  echo=typer.echo)
+    typer.echo(f"done: {len(history)} round(s); run folder {run_dir}; final teacher {run_dir / 'final'}")
+
+
+# -- privacy -----------------------------------------------------------------------------------
+@app.command("audit")
+def audit_command(
+    paths: List[Path] = typer.Argument(..., help="Run folders, region state folders or ledger files."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
+    html_out: Optional[Path] = typer.Option(None, "--html", help="Write an HTML report with a plot of ε per round."),
+    bundle: Optional[Path] = typer.Option(None, help="Check the privacy claim of a bundle or checkpoint."),
+) -> None:
+    """Verify each region's ledger, recompute every ε (Opacus and dp-accounting), check claims."""
+    from fedrec.atomic import write_json
+    from fedrec.privacy.audit import audit, format_audit, write_html
+
+    report = audit(paths, bundle)
+    typer.echo(format_audit(report))
+    if json_out:
+        write_json(json_out, report.to_json())
+    if html_out:
+        write_html(report, html_out)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@privacy_app.command("plan")
+def privacy_plan(users: int = typer.Option(...), batch: int = typer.Option(32), rounds: int = typer.Option(...),
+                 local_epochs: int = typer.Option(1), epsilon: float = typer.Option(...),
+                 delta: float = typer.Option(1e-5), accountant: str = Accountant) -> None:
+    """The noise multiplier σ a region needs, and whether it is too small for useful DP."""
+    from fedrec.privacy.plan import plan_privacy
+
+    plan = plan_privacy(users, batch, rounds, local_epochs, epsilon, delta, accountant)
+    typer.echo(f"sample rate q = {plan.sample_rate:.4f}, {plan.steps_per_round} steps per round, "
+               f"{plan.rounds} rounds\nnoise multiplier σ = {plan.noise_multiplier:.4f} "
+               f"(noise per averaged step {plan.noise_per_step:.3f}·C)")
+    for warning in plan.warnings:
+        typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW)

@@ -1,12 +1,15 @@
 """The retrieval objective, built so that each example's loss depends on one user alone.
 
 An example is drawn from one user's record: a context (earlier items, newest first, plus the
-query of the target basket) and one target item from a later basket. The target competes with
-the whole public catalog, embedded by the current model and held fixed between refreshes.
-There are no in-batch negatives, so no user's loss or gradient sees another user's items —
-the property user-level DP-SGD relies on.
+query of the target basket) and one target item from a later basket. The user tower encodes the
+context; the target competes with the whole public catalog, whose embeddings come from the same
+encoder and are held fixed between refreshes (positive and negatives alike, so the loss has no
+live-versus-cached shortcut). There are no in-batch negatives, so no user's loss or gradient
+sees another user's items: the property user-level DP-SGD relies on.
 
-The teacher runs without dropout, so the live and cached embeddings of an item agree.
+Measured on Online Retail (150 steps, MiniLM): this consistent-cache loss reached validation
+NDCG@10 0.043, while a live positive against cached negatives collapsed to 0.003 (the model
+learns to tell fresh from stale embeddings) and a straight-through positive reached 0.011.
 """
 
 from __future__ import annotations
@@ -55,26 +58,14 @@ class RetrievalObjective(torch.nn.Module):
         self.catalog_embeddings = self.teacher.encode_items(self.catalog, batch_size)
 
     def inputs(self, examples: list[Example]) -> dict[str, torch.Tensor]:
-        """Tokenised contexts and targets; every tensor's first dimension is the example."""
-        cfg, teacher = self.teacher.config, self.teacher
+        """Tokenised contexts and target indices; every tensor's first dimension is the example."""
+        cfg = self.teacher.config
         contexts = [self.catalog.context(e.history, e.query, cfg.context_items) for e in examples]
-        targets = [self.catalog.text(e.target) for e in examples]
-        context = teacher.tokenize(contexts, cfg.max_context_tokens)
-        target = teacher.tokenize(targets, cfg.max_item_tokens)
-        return {
-            "context_ids": context["input_ids"], "context_mask": context["attention_mask"],
-            "target_ids": target["input_ids"], "target_mask": target["attention_mask"],
-            "target_index": torch.tensor([e.target for e in examples], device=teacher.device),
-        }
+        context = self.teacher.tokenize(contexts, cfg.max_context_tokens)
+        return {"context_ids": context["input_ids"], "context_mask": context["attention_mask"],
+                "target_index": torch.tensor([e.target for e in examples], device=self.teacher.device)}
 
-    def forward(self, context_ids, context_mask, target_ids, target_mask, target_index) -> torch.Tensor:
+    def forward(self, context_ids, context_mask, target_index) -> torch.Tensor:
         user = self.teacher(context_ids, context_mask)
-        live = self.teacher(target_ids, target_mask)
-        cached = self.catalog_embeddings[target_index]
-        # Straight-through: the target's logit takes the same (cached) value as every other item,
-        # so a live-vs-cached difference is no shortcut; its gradient still trains the item tower.
-        target = cached + (live - live.detach())
-        logits = user @ self.catalog_embeddings.T
-        positive = (user * target).sum(-1)
-        logits = logits.scatter(1, target_index[:, None], positive[:, None])
-        return F.cross_entropy(logits / self.teacher.config.temperature, target_index, reduction="none")
+        logits = user @ self.catalog_embeddings.T / self.teacher.config.temperature
+        return F.cross_entropy(logits, target_index, reduction="none")

@@ -1,0 +1,192 @@
+"""Real Flower deployments on loopback: SuperLink and SuperNodes as separate processes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedrec.config import FedrecConfig
+from fedrec.federation.certs import create_dev_pki, create_node_key
+from fedrec.federation.deployment import Control, free_port, start_superlink, start_supernode
+from fedrec.federation.launch import RegionNode, run_config, simulate
+from fedrec.federation.region import sent_update_path
+from fedrec.federation.run_folder import RunFolder
+from fedrec.privacy.budget import RegionBudget
+from fedrec.privacy.ledger import Ledger
+
+REGIONS = ["eu", "row", "uk"]
+
+
+def tiny_config(tiny_encoder, **federation) -> FedrecConfig:
+    values = {"model.encoder": str(tiny_encoder), "train.batch_size": 8, "federation.eval_splits": "val",
+              "federation.wait_for_regions": 120.0, "federation.round_timeout": 300.0}
+    values.update({f"federation.{k}": v for k, v in federation.items()})
+    return FedrecConfig.from_flat(values)
+
+
+def wait_until(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def rounds_done(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.json"
+    return [r["round"] for r in json.loads(path.read_text())] if path.exists() else []
+
+
+def test_two_rounds_three_regions_with_dp_average_and_audit(tiny_encoder, prepared, tmp_path):
+    run_dir = tmp_path / "run"
+    config = tiny_config(tiny_encoder, rounds=2, min_regions=3)
+    budgets = {"eu": RegionBudget(epsilon=40.0, delta=1e-3), "uk": RegionBudget(epsilon=40.0, delta=1e-3),
+               "row": RegionBudget(enabled=False)}
+    history = simulate(prepared, REGIONS, run_dir, config, budgets, tls=True, echo=lambda _: None)
+
+    assert [r["round"] for r in history] == [1, 2]
+    for record in history:
+        assert sorted(record["regions"]) == REGIONS and not record["dropped"]
+        assert all(m["bytes_sent"] > 0 and "val_ndcg@10" in m for m in record["regions"].values())
+    # the global adapters are the example-weighted mean of what the regions say they sent
+    run = RunFolder(run_dir)
+    for server_round in (1, 2):
+        global_state, _ = run.load_round(server_round)
+        sent = {r: np.load(sent_update_path(run_dir / "regions" / r, run_dir.name, server_round)) for r in REGIONS}
+        weights = {r: int(sent[r]["__num_examples__"]) for r in REGIONS}
+        assert weights == {r: history[server_round - 1]["regions"][r]["num_examples"] for r in REGIONS}
+        total = sum(weights.values())
+        for name, value in global_state.items():
+            expected = sum(weights[r] * sent[r][name].astype(np.float64) for r in REGIONS) / total
+            np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-7)
+    assert (run_dir / "final" / "adapters.safetensors").is_file()
+    final_meta = json.loads((run_dir / "final" / "teacher.json").read_text())
+    assert sorted(final_meta["privacy"]) == ["eu", "uk"]
+
+    # DP regions wrote two ledger entries each; the non-DP region none; the audit accepts them
+    for region in ("eu", "uk"):
+        entries = Ledger(run_dir / "regions" / region / "ledger.jsonl").entries()
+        assert [e.round for e in entries] == [1, 2] and entries[1].epsilon > entries[0].epsilon
+    assert not (run_dir / "regions" / "row" / "ledger.jsonl").exists()
+    audit = subprocess.run([sys.executable, "-m", "fedrec.tools", "audit", str(run_dir),
+                            "--json", str(tmp_path / "audit.json"), "--html", str(tmp_path / "audit.html")],
+                           capture_output=True, text=True)
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    report = json.loads((tmp_path / "audit.json").read_text())
+    assert report["ok"] and len(report["claims"]) == 4 and all(c["ok"] for c in report["claims"])
+    assert "data:image/png;base64" in (tmp_path / "audit.html").read_text()
+
+    # dropping the last entry of a ledger breaks the run's claims
+    ledger = run_dir / "regions" / "eu" / "ledger.jsonl"
+    ledger.write_text(ledger.read_text().splitlines()[0] + "\n")
+    audit = subprocess.run([sys.executable, "-m", "fedrec.tools", "audit", str(run_dir)],
+                           capture_output=True, text=True)
+    assert audit.returncode == 1 and "not in its ledger" in audit.stdout
+
+
+class Deployment:
+    """A SuperLink and region SuperNodes started by hand, as separate operators would."""
+
+    def __init__(self, root: Path, prepared: Path, tls: bool = False):
+        self.root, self.prepared = root, prepared
+        self.pki = create_dev_pki(root / "certs") if tls else None
+        self.address = f"127.0.0.1:{free_port()}"
+        self.superlink = None
+        self.nodes = {}
+
+    def start_superlink(self, auth: bool = False):
+        self.superlink = start_superlink(self.address, self.root / "superlink", self.pki, auth)
+        return self.superlink
+
+    def start_region(self, region: str, wait: bool = True, auth_key: Path | None = None):
+        node = RegionNode(region, self.prepared / region, self.root / "regions" / region, RegionBudget(enabled=False))
+        self.nodes[region] = start_supernode(f"supernode-{region}", self.address, node.node_config(),
+                                             node.state_dir, self.pki.ca if self.pki else None, auth_key, wait=wait)
+        return self.nodes[region]
+
+    def control(self) -> Control:
+        return Control(self.address, self.pki.ca if self.pki else None)
+
+    def stop(self):
+        for process in [*self.nodes.values(), self.superlink]:
+            if process is not None:
+                process.stop()
+
+
+@pytest.fixture
+def deployment(tmp_path, prepared):
+    deployment = Deployment(tmp_path, prepared)
+    yield deployment
+    deployment.stop()
+
+
+def test_region_killed_mid_round_is_dropped_and_rejoins(tiny_encoder, deployment, tmp_path):
+    deployment.start_superlink()
+    for region in REGIONS:
+        deployment.start_region(region)
+    run_dir = tmp_path / "run"
+    config = tiny_config(tiny_encoder, rounds=3, min_regions=2, evaluate_every=10)
+    control = deployment.control()
+    run_id = control.submit(run_config(config, run_dir, resume=False))
+    row = deployment.nodes["row"]
+    wait_until(lambda: row.text().count("Receiving: train message") >= 2, 240, "round 2 to reach row")
+    row.kill()
+    deployment.start_region("row")          # the region's operator restarts it
+    wait_until(lambda: control.status(run_id)[0] == "finished", 400, "the run to finish")
+    assert control.status(run_id)[1] == "completed", control.logs(run_id)
+    history = json.loads((run_dir / "metrics.json").read_text())
+    assert [r["round"] for r in history] == [1, 2, 3]
+    assert sorted(history[0]["regions"]) == REGIONS
+    assert "row" in history[1]["dropped"] and sorted(history[1]["regions"]) == ["eu", "uk"]
+    assert "region row dropped" in control.logs(run_id)
+    assert sorted(history[2]["regions"]) == REGIONS, "row rejoined"
+
+
+def test_server_killed_and_resumed_continues_at_next_round(tiny_encoder, deployment, tmp_path):
+    deployment.start_superlink()
+    for region in REGIONS:
+        deployment.start_region(region)
+    run_dir = tmp_path / "run"
+    config = tiny_config(tiny_encoder, rounds=3, min_regions=3, evaluate_every=10)
+    control = deployment.control()
+    control.submit(run_config(config, run_dir, resume=False))
+    wait_until(lambda: rounds_done(run_dir) == [1], 300, "round 1")
+    deployment.superlink.stop(sig=signal.SIGKILL)      # the coordinator dies mid-run
+    control.close()
+    first = RunFolder(run_dir).load_round(1)[0]
+    with pytest.raises(Exception, match="already holds a run"):
+        RunFolder.open(run_dir, {}, resume=False)
+    deployment.start_superlink()                        # same port and database; regions reconnect
+    control = deployment.control()
+    run_id = control.submit(run_config(config, run_dir, resume=True))
+    wait_until(lambda: control.status(run_id)[0] == "finished", 400, "the resumed run")
+    assert control.status(run_id)[1] == "completed", control.logs(run_id)
+    history = json.loads((run_dir / "metrics.json").read_text())
+    assert [r["round"] for r in history] == [1, 2, 3], "no round repeated or skipped"
+    assert "resuming after round" in control.logs(run_id)
+    np.testing.assert_array_equal(RunFolder(run_dir).load_round(1)[0][next(iter(first))], first[next(iter(first))])
+
+
+def test_unregistered_supernode_is_refused_with_tls_and_auth(prepared, tmp_path):
+    deployment = Deployment(tmp_path, prepared, tls=True)
+    try:
+        deployment.start_superlink(auth=True)
+        good, good_pub = create_node_key(tmp_path / "keys", "eu")
+        rogue, _ = create_node_key(tmp_path / "keys", "rogue")
+        node_id = deployment.control().register_node(good_pub)
+        accepted = deployment.start_region("eu", auth_key=good)
+        assert f"SuperNode ID: {node_id}" in accepted.text()
+        refused = deployment.start_region("uk", wait=False, auth_key=rogue)
+        wait_until(lambda: refused.popen.poll() is not None, 120, "the unregistered node to be refused")
+        assert refused.popen.returncode != 0 and "Failed to activate SuperNode" in refused.text()
+    finally:
+        deployment.stop()
