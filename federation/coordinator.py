@@ -133,7 +133,7 @@ class Coordinator:
             adapters, norms = aggregator.aggregate(adapters, updates)
             for region, norm in norms.items():
                 record["regions"][region]["update_norm"] = norm
-            if server_round % max(fed.evaluate_every, 1) == 0 or server_round == fed.rounds:
+            if fed.evaluate_every and (server_round % fed.evaluate_every == 0 or server_round == fed.rounds):
                 trained = [n for n, r in replies.items() if r.content["info"].get("status") != "declined"]
                 evaluated, eval_failed = self.exchange(trained, "evaluate", adapters,
                                                        {"splits": fed.eval_splits}, server_round)

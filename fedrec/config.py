@@ -62,7 +62,7 @@ class FederationConfig:
     clip_update_norm: float = 0.0          # server-side bound on each region's update norm; 0 = off
     round_timeout: float = 900.0           # seconds to wait for the regions' replies
     wait_for_regions: float = 300.0        # seconds to wait for min_regions to connect
-    evaluate_every: int = 1                # rounds between evaluations on the regions' own users
+    evaluate_every: int = 1                # rounds between evaluations on the regions' own users (0 = never)
     eval_splits: str = "val,test"
     run_dir: str = ""                      # the server's run folder (set by `fedrec server`)
     resume: bool = False                   # continue the run in run_dir from its last round

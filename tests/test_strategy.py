@@ -1,0 +1,62 @@
+"""Server-side aggregation and the Flower app manifest."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedrec.config import FederationConfig, FedrecConfig
+from fedrec.errors import FedrecError
+from fedrec.federation.app_manifest import render
+from fedrec.federation.strategy import Aggregator, RegionUpdate
+
+GLOBAL = {"a": np.zeros(3, dtype=np.float32), "b": np.ones((2, 2), dtype=np.float32)}
+
+
+def update(region, a, b, n):
+    return RegionUpdate(region, {"a": np.asarray(a, dtype=np.float32), "b": np.full((2, 2), b, dtype=np.float32)}, n)
+
+
+def test_fedavg_is_the_example_weighted_mean():
+    updates = [update("uk", [1, 2, 3], 3.0, 30), update("eu", [4, 5, 6], 0.0, 10)]
+    new, norms = Aggregator(FederationConfig()).aggregate(GLOBAL, updates)
+    np.testing.assert_allclose(new["a"], [1.75, 2.75, 3.75])
+    np.testing.assert_allclose(new["b"], np.full((2, 2), 2.25))
+    assert norms["uk"] == pytest.approx(np.sqrt(1 + 4 + 9 + 4 * 4))
+
+
+def test_clipping_bounds_a_poisoned_update():
+    honest = update("uk", [0.1, 0.1, 0.1], 1.1, 50)
+    poisoned = update("row", [100.0, -100.0, 100.0], 101.0, 50)
+    config = FederationConfig(clip_update_norm=1.0)
+    new, norms = Aggregator(config).aggregate(GLOBAL, [honest, poisoned])
+    moved = np.sqrt(sum(np.sum((new[k] - GLOBAL[k]) ** 2) for k in GLOBAL))
+    assert norms["row"] > 100 and moved <= 1.0 + 1e-6
+
+
+def test_fedadam_keeps_moments_and_steps_by_server_lr():
+    aggregator = Aggregator(FederationConfig(strategy="fedadam", server_lr=0.1))
+    new, _ = aggregator.aggregate(GLOBAL, [update("uk", [1, -1, 0], 1.0, 5)])
+    # first Adam step: m = 0.1 g, v = 0.01 g², step = lr · m / (√v + τ) ≈ lr · sign(g)
+    np.testing.assert_allclose(new["a"], [0.1 * 0.1 / (0.1 + 1e-3), -0.1 * 0.1 / (0.1 + 1e-3), 0.0], rtol=1e-5)
+    assert set(aggregator.moments) == {"m", "v"}
+
+
+def test_bad_strategy_and_nan_updates_are_refused():
+    with pytest.raises(FedrecError, match="unknown strategy"):
+        Aggregator(FederationConfig(strategy="fedsgd"))
+    with pytest.raises(FedrecError, match="non-finite"):
+        Aggregator(FederationConfig()).aggregate(GLOBAL, [update("row", [np.nan, 0, 0], 1.0, 5)])
+
+
+def test_flower_app_manifest_is_generated_from_the_typed_config():
+    path = Path(__file__).resolve().parents[1] / "federation" / "fedrec-app" / "pyproject.toml"
+    assert path.read_text() == render(), "run `python -m fedrec.federation.app_manifest`"
+    manifest = tomllib.loads(path.read_text())
+    config = manifest["tool"]["flwr"]["app"]["config"]
+    flat = {f"{section}.{key}": value for section, table in config.items() for key, value in table.items()}
+    assert flat == FedrecConfig().to_flat()
+    assert manifest["tool"]["flwr"]["app"]["components"]["clientapp"] == "fedrec.federation.client_app:app"
