@@ -75,6 +75,16 @@ def build_rankers(silos: dict[str, Silo], checkpoints: list, baselines: bool = T
         teacher = Teacher(ModelConfig(encoder=encoder or "")).to(pick_device())
         rankers["zero-shot encoder"] = EncoderRanker(teacher, catalog, teacher.config.context_items, batch_size)
     for path in checkpoints:
-        teacher = Teacher.load(path).to(pick_device())
-        rankers[str(path)] = EncoderRanker(teacher, catalog, teacher.config.context_items, batch_size)
+        encoder = load_encoder(path).to(pick_device())
+        rankers[str(path)] = EncoderRanker(encoder, catalog, encoder.config.context_items, batch_size)
     return rankers
+
+
+def load_encoder(checkpoint):
+    """A teacher or a student checkpoint, told apart by its metadata file."""
+    from pathlib import Path
+
+    from fedrec.distill.student import STUDENT_FILE, Student
+    from fedrec.model.teacher import Teacher
+
+    return Student.load(checkpoint) if (Path(checkpoint) / STUDENT_FILE).is_file() else Teacher.load(checkpoint)

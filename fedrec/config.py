@@ -69,10 +69,32 @@ class FederationConfig:
 
 
 @dataclass
+class DistillConfig:
+    """The student and how it learns from the teacher (public inputs only)."""
+
+    layers: int = 4
+    hidden: int = 128
+    heads: int = 4
+    intermediate: int = 512
+    vocab_reserve: int = 1000              # extra common whole words kept beyond the catalog's
+    contexts: int = 6000                   # synthetic user contexts built from catalog items
+    queries_per_item: int = 1              # title fragments used as search queries
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 2e-3
+    candidates: int = 256                  # catalog items per batch for the listwise loss
+    kl_weight: float = 1.0
+    kl_temperature: float = 0.05
+    patience: int = 3
+    seed: int = 0
+
+
+@dataclass
 class FedrecConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_flat(self) -> dict[str, Any]:
         return {

@@ -22,8 +22,8 @@ from transformers.utils import logging as hf_logging
 import fedrec
 from fedrec.atomic import atomic_file, write_json
 from fedrec.config import ModelConfig
-from fedrec.data.silo import Catalog
 from fedrec.errors import FedrecError
+from fedrec.model.encoding import TextEncoder, mean_pool
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")       # nothing is ever fetched from a model hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -70,7 +70,7 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-class Teacher(torch.nn.Module):
+class Teacher(TextEncoder):
     """A frozen pretrained encoder + trainable LoRA adapters; mean-pooled, L2-normalised output."""
 
     def __init__(self, config: ModelConfig):
@@ -92,39 +92,13 @@ class Teacher(torch.nn.Module):
     # -- the forward pass -------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return F.normalize(pooled, dim=-1)
+        return F.normalize(mean_pool(hidden, attention_mask), dim=-1)
 
     def tokenize(self, texts: list[str], max_tokens: int) -> dict[str, torch.Tensor]:
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=max_tokens,
                                return_tensors="pt", return_token_type_ids=False)
         device = self.device
         return {k: v.to(device) for k, v in batch.items()}
-
-    @torch.no_grad()
-    def encode(self, texts: list[str], max_tokens: int, batch_size: int = 128) -> torch.Tensor:
-        """Embeddings in eval mode, batched by similar length to waste little padding."""
-        was_training = self.training
-        self.eval()
-        order = np.argsort([len(t) for t in texts], kind="stable")
-        out = torch.empty(len(texts), self.dim, device=self.device)
-        for start in range(0, len(texts), batch_size):
-            chunk = order[start:start + batch_size]
-            out[torch.as_tensor(chunk, device=self.device)] = self(
-                **self.tokenize([texts[i] for i in chunk], max_tokens))
-        self.train(was_training)
-        return out
-
-    def encode_items(self, catalog: Catalog, batch_size: int = 128) -> torch.Tensor:
-        return self.encode(catalog.texts(), self.config.max_item_tokens, batch_size)
-
-    def encode_contexts(self, contexts: list[str], batch_size: int = 128) -> torch.Tensor:
-        return self.encode(contexts, self.config.max_context_tokens, batch_size)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.encoder.parameters()).device
 
     @property
     def dim(self) -> int:

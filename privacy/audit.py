@@ -107,7 +107,7 @@ def find_ledgers(paths: list[Path]) -> tuple[dict[str, Path], list[tuple[str, di
                 if region in ledgers and ledgers[region] != file:
                     raise FedrecError(f"two ledgers for region {region}: {ledgers[region]} and {file}")
                 ledgers[region] = file
-            elif file.name in ("privacy.json", "teacher.json", "manifest.json"):
+            elif file.name in ("privacy.json", "teacher.json", "student.json", "manifest.json"):
                 found = _claims_in(file)
                 if found:
                     claims.append((str(file), found))
@@ -135,14 +135,32 @@ def _claims_in(path: Path) -> dict:
         if isinstance(claims, dict) else {}
 
 
+METADATA = ("manifest.json", "student.json", "teacher.json")
+
+
+def provenance_chain(path: Path) -> list[tuple[str, dict]]:
+    """Claims along bundle → student → teacher, following each file's "source"/"teacher" link."""
+    chain, seen = [], set()
+    while path is not None and path not in seen:
+        seen.add(path)
+        meta = path if path.is_file() else next((path / n for n in METADATA if (path / n).is_file()), None)
+        if meta is None:
+            raise FedrecError(f"{path} has none of {', '.join(METADATA)}")
+        chain.append((str(meta), _claims_in(meta)))
+        data = json.loads(meta.read_text())
+        link = data.get("source") or data.get("teacher")
+        path = Path(link) if isinstance(link, str) and Path(link).exists() else None
+    return chain
+
+
 def audit(paths: list[str | Path], bundle: str | Path | None = None) -> AuditReport:
     ledgers, claims = find_ledgers([Path(p) for p in paths])
     if bundle is not None:
-        manifest = Path(bundle) / "manifest.json" if Path(bundle).is_dir() else Path(bundle)
-        bundle_claims = _claims_in(manifest) if manifest.exists() else {}
-        if not bundle_claims:
-            raise FedrecError(f"{bundle} carries no privacy claim (no manifest.json / teacher.json with 'privacy')")
-        claims.append((str(manifest), bundle_claims))
+        chain = provenance_chain(Path(bundle))
+        if not any(found for _, found in chain):
+            raise FedrecError(f"{bundle} carries no privacy claim",
+                              hint="Pass a bundle, a student or a teacher checkpoint made from a DP run.")
+        claims.extend((source, found) for source, found in chain if found)
     if not ledgers:
         raise FedrecError("no ledger found", hint=f"Pass region state folders or {LEDGER_FILE} files.")
     report = AuditReport({})

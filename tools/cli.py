@@ -116,7 +116,7 @@ def train(
 @app.command()
 def evaluate(
     data: Path = typer.Option(..., "--data", help="Output folder of `fedrec data prepare`."),
-    checkpoint: List[Path] = typer.Option([], "--checkpoint", help="Trained checkpoint(s) to compare."),
+    checkpoint: List[Path] = typer.Option([], "--checkpoint", help="Teacher or student checkpoint(s) to compare."),
     regions: str = typer.Option("all", help="'all' or a comma list of regions to evaluate on."),
     split: str = typer.Option("test", help="'test' or 'val'."),
     baselines: bool = typer.Option(True, help="Popularity (global, per region) and co-occurrence."),
@@ -347,3 +347,98 @@ def demo(
     summary = run_demo(source.resolve(), out, cfg, epsilon, delta, typer.echo)
     if not summary["audit_ok"]:
         raise typer.Exit(1)
+
+
+@app.command("distill")
+def distill_command(
+    teacher: Path = typer.Option(..., "--teacher", help="A teacher checkpoint, or a federated run folder (uses RUN/final)."),
+    out: Path = typer.Option(..., "--out", help="Student folder: weights, tokenizer.json, student.json."),
+    data: Path = typer.Option(..., "--data", help="Prepared dataset (its public catalog is all distillation reads)."),
+    config: Optional[Path] = ConfigOption,
+    set_: List[str] = SetOption,
+) -> None:
+    """Compress the teacher into a small student on public inputs only (no additional ε)."""
+    from fedrec.data.silo import Catalog
+    from fedrec.distill.distill import distill
+    from fedrec.model.teacher import TEACHER_FILE, Teacher, pick_device
+
+    checkpoint = teacher / "final" if not (teacher / TEACHER_FILE).exists() and (teacher / "final").is_dir() else teacher
+    cfg = _config(config, set_)
+    model = Teacher.load(checkpoint).to(pick_device())
+    student, result = distill(model, checkpoint, Catalog.load(data / "catalog.parquet"), cfg, out, typer.echo)
+    typer.echo(f"student saved in {out}: {student.parameter_count():,} parameters, best epoch {result.best_epoch}, "
+               f"top-10 overlap {result.validation['top10_overlap']:.3f} ({result.seconds:.0f}s)")
+
+
+# -- edge --------------------------------------------------------------------------------------
+@app.command("export")
+def export_command(
+    model: Path = typer.Argument(..., help="A student or teacher checkpoint (or a run folder: uses RUN/final)."),
+    out: Path = typer.Option(..., "--out", help="Bundle folder."),
+    data: Path = typer.Option(..., "--data", help="Prepared dataset: its catalog becomes the bundle's items."),
+    int8: bool = typer.Option(True, help="Also write the INT8 (dynamic quantization) encoder."),
+    tensorrt: bool = typer.Option(False, help="Also build an FP16 TensorRT engine (NVIDIA GPU + tensorrt extra)."),
+    tar: bool = typer.Option(False, help="Also write OUT.tar.gz."),
+    metrics: Optional[Path] = typer.Option(None, help="Evaluation JSON (`fedrec evaluate --json`) to record."),
+) -> None:
+    """Build an edge bundle: ONNX FP32/INT8, tokenizer, item embeddings, signed-by-hash manifest."""
+    from fedrec.data.silo import Catalog
+    from fedrec.export.bundle import export_bundle
+
+    checkpoint = model / "final" if (model / "final").is_dir() else model
+    recorded = json.loads(metrics.read_text()) if metrics else None
+    folder = export_bundle(checkpoint, Catalog.load(data / "catalog.parquet"), out, int8, tensorrt, tar, recorded)
+    typer.echo(f"bundle {folder}" + (f" and {folder}.tar.gz" if tar else ""))
+
+
+def _edge(bundle: Path, precision: str):
+    from fedrec.edge_runtime import BundleError, EdgeModel
+
+    try:
+        return EdgeModel(bundle, precision)
+    except BundleError as exc:
+        raise FedrecError(str(exc)) from exc
+
+
+def _print_results(results) -> None:
+    for rank, r in enumerate(results, 1):
+        because = f"  (because you bought {r.because})" if r.because else ""
+        typer.echo(f"{rank:>3}. {r.item_id:<10} {r.score:6.3f}  {r.title}{because}")
+
+
+@app.command()
+def recommend(bundle: Path = typer.Argument(..., help="Bundle folder or .tar.gz."),
+              history: str = typer.Option(..., help="Comma-separated item ids, newest first."),
+              k: int = typer.Option(10, min=1, max=100), precision: str = typer.Option("int8", help="int8 or fp32.")) -> None:
+    """Recommendations for a purchase history, from a bundle (no torch needed)."""
+    model = _edge(bundle, precision)
+    ids = [i.strip() for i in history.split(",") if i.strip()]
+    _, unknown = model.known(ids)
+    if unknown:
+        typer.echo(f"ignored unknown item ids: {', '.join(unknown)}", err=True)
+    _print_results(model.recommend(ids, k))
+
+
+@app.command()
+def search(bundle: Path = typer.Argument(..., help="Bundle folder or .tar.gz."),
+           query: str = typer.Argument(..., help="What the customer typed."),
+           k: int = typer.Option(10, min=1, max=100), precision: str = typer.Option("int8", help="int8 or fp32.")) -> None:
+    """Search the catalog with a bundle (no torch needed)."""
+    _print_results(_edge(bundle, precision).search(query, k))
+
+
+@app.command()
+def serve(bundle: Path = typer.Argument(..., help="Bundle folder or .tar.gz."),
+          host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8080),
+          precision: str = typer.Option("int8", help="int8 or fp32.")) -> None:
+    """HTTP JSON API: /health, /recommend, /search, /similar."""
+    from fedrec.edge_runtime.server import make_server
+
+    server = make_server(_edge(bundle, precision), host, port)
+    typer.echo(f"serving {bundle} on http://{host}:{server.server_address[1]} (Ctrl-C to stop)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        typer.echo("stopped")
+    finally:
+        server.server_close()

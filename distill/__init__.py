@@ -1,0 +1,1 @@
+"""Distillation: a small student in the teacher's embedding space, trained on public inputs only."""

@@ -1,0 +1,130 @@
+"""EdgeModel: recommendations, search and similar items from a verified bundle, with ONNX Runtime.
+
+Users and queries are encoded on the fly; items come precomputed (float16, L2-normalised) and are
+ranked exactly by one matrix product. `Index` is the seam for an approximate index later.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from fedrec.edge_runtime.bundle import BundleError, open_bundle
+from fedrec.text import context_text
+
+PROVIDERS = {"cpu": ["CPUExecutionProvider"],
+             "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+             "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+@dataclass(frozen=True)
+class Result:
+    item_id: str
+    title: str
+    score: float
+    because: str | None = None          # for recommendations: the history item that contributed most
+
+
+class Index:
+    """Exact top-k by inner product over all item vectors."""
+
+    def __init__(self, vectors: np.ndarray):
+        self.vectors = vectors.astype(np.float32)
+
+    def search(self, queries: np.ndarray, k: int, exclude: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        scores = queries.astype(np.float32) @ self.vectors.T
+        if exclude:
+            for row, items in enumerate(exclude):
+                scores[row, items] = -np.inf
+        k = min(k, scores.shape[1])
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        order = np.take_along_axis(scores, top, 1).argsort(axis=1)[:, ::-1]
+        top = np.take_along_axis(top, order, 1)
+        return top, np.take_along_axis(scores, top, 1)
+
+
+class EdgeModel:
+    def __init__(self, bundle: str | Path, precision: str = "int8", device: str = "cpu", threads: int = 1):
+        self.folder = open_bundle(bundle)
+        self.manifest = json.loads((self.folder / "manifest.json").read_text())
+        model = self.manifest["model"]
+        files = model["onnx"]
+        if precision not in files:
+            raise BundleError(f"{self.folder}: no {precision} model in this bundle (has {', '.join(files)})")
+        if device not in PROVIDERS:
+            raise BundleError(f"unknown device {device!r}; choose cpu, cuda or tensorrt")
+        wanted = PROVIDERS[device]
+        if wanted[0] not in ort.get_available_providers():
+            raise BundleError(f"{wanted[0]} is not available in this onnxruntime "
+                              f"(has {', '.join(ort.get_available_providers())}); use device='cpu'")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(self.folder / files[precision]), options, providers=wanted)
+        self.tokenizer = Tokenizer.from_file(str(self.folder / model["tokenizer"]))
+        self.max_context_tokens = model["max_context_tokens"]
+        self.context_items = model["context_items"]
+        catalog = json.loads((self.folder / model["items"]).read_text())
+        self.item_ids: list[str] = catalog["item_ids"]
+        self.titles: list[str] = catalog["titles"]
+        self.position = {item: i for i, item in enumerate(self.item_ids)}
+        self.index = Index(np.load(self.folder / model["item_embeddings"]))
+
+    # -- encoding --------------------------------------------------------------------------
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        self.tokenizer.enable_truncation(max_length=self.max_context_tokens)
+        encodings = self.tokenizer.encode_batch(list(texts))
+        ids = np.array([e.ids for e in encodings], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        return self.session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+
+    def known(self, item_ids: Sequence[str]) -> tuple[list[int], list[str]]:
+        """Catalog positions of the known ids, and the unknown ids (reported, then ignored)."""
+        positions = [self.position[i] for i in item_ids if i in self.position]
+        return positions, [i for i in item_ids if i not in self.position]
+
+    def results(self, top: np.ndarray, scores: np.ndarray) -> list[Result]:
+        return [Result(self.item_ids[i], self.titles[i], float(s)) for i, s in zip(top, scores)]
+
+    # -- the API ---------------------------------------------------------------------------
+    def recommend_batch(self, histories: Sequence[Sequence[str]], k: int = 10,
+                        exclude_history: bool = True) -> list[list[Result]]:
+        """For each history (item ids, newest first): the top k items and why."""
+        known = [self.known(h)[0] for h in histories]
+        texts = [context_text([self.titles[i] for i in positions], "", self.context_items) for positions in known]
+        users = self.embed(texts)
+        top, scores = self.index.search(users, k, [np.array(p, dtype=np.int64) for p in known] if exclude_history else None)
+        out = []
+        for positions, items, values in zip(known, top, scores):
+            results = self.results(items, values)
+            if positions:
+                history = self.index.vectors[positions]
+                contribution = self.index.vectors[items] @ history.T          # k × history
+                results = [Result(r.item_id, r.title, r.score, self.titles[positions[int(c.argmax())]])
+                           for r, c in zip(results, contribution)]
+            out.append(results)
+        return out
+
+    def recommend(self, history_item_ids: Sequence[str], k: int = 10, exclude_history: bool = True) -> list[Result]:
+        return self.recommend_batch([history_item_ids], k, exclude_history)[0]
+
+    def search_batch(self, queries: Sequence[str], k: int = 10) -> list[list[Result]]:
+        users = self.embed([context_text([], q) for q in queries])
+        top, scores = self.index.search(users, k)
+        return [self.results(t, s) for t, s in zip(top, scores)]
+
+    def search(self, query: str, k: int = 10) -> list[Result]:
+        return self.search_batch([query], k)[0]
+
+    def similar(self, item_id: str, k: int = 10) -> list[Result]:
+        if item_id not in self.position:
+            raise KeyError(item_id)
+        position = self.position[item_id]
+        top, scores = self.index.search(self.index.vectors[[position]], k, [np.array([position])])
+        return self.results(top[0], scores[0])

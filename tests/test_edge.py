@@ -1,0 +1,216 @@
+"""Edge bundles: ONNX parity, integrity checks, the torch-free runtime and its HTTP API."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+import threading
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+
+from fedrec.config import FedrecConfig
+from fedrec.data.silo import Catalog
+from fedrec.distill.distill import distill, title_fragment
+from fedrec.edge_runtime import BundleError, EdgeModel, open_bundle, verify_bundle
+from fedrec.edge_runtime.server import make_server
+from fedrec.errors import FedrecError
+from fedrec.export.bundle import export_bundle
+from fedrec.model.teacher import Teacher
+
+STUDENT = {"distill.layers": 2, "distill.hidden": 64, "distill.heads": 2, "distill.intermediate": 128,
+           "distill.contexts": 400, "distill.epochs": 2, "distill.vocab_reserve": 50, "distill.candidates": 64}
+
+
+@pytest.fixture(scope="module")
+def catalog(prepared):
+    return Catalog.load(prepared / "catalog.parquet")
+
+
+@pytest.fixture(scope="module")
+def student_dir(tiny_encoder, catalog, tmp_path_factory):
+    root = tmp_path_factory.mktemp("student")
+    torch.manual_seed(0)
+    teacher = Teacher(FedrecConfig.from_flat({"model.encoder": str(tiny_encoder)}).model)
+    checkpoint = teacher.save(root / "teacher")
+    student, _ = distill(teacher, checkpoint, catalog, FedrecConfig.from_flat(STUDENT), root / "student",
+                         log=lambda _: None)
+    return root / "student"
+
+
+@pytest.fixture(scope="module")
+def bundle(student_dir, catalog, tmp_path_factory):
+    return export_bundle(student_dir, catalog, tmp_path_factory.mktemp("bundle") / "bundle", tar=True)
+
+
+def queries(catalog, n=60):
+    rng = np.random.default_rng(7)
+    return [title_fragment(catalog.titles[i], rng) for i in rng.choice(len(catalog), n, replace=False)]
+
+
+def test_onnx_matches_torch_and_int8_stays_close(student_dir, bundle, catalog):
+    from fedrec.distill.student import Student
+    from fedrec.text import context_text
+
+    student = Student.load(student_dir)
+    texts = [context_text([], q) for q in queries(catalog)]
+    reference = student.encode(texts, student.config.max_context_tokens).numpy()
+    fp32, int8 = EdgeModel(bundle, "fp32"), EdgeModel(bundle, "int8")
+    cos32 = (fp32.embed(texts) * reference).sum(1)
+    cos8 = (int8.embed(texts) * reference).sum(1)
+    assert cos32.min() >= 0.9999, cos32.min()
+    assert cos8.mean() >= 0.99, cos8.mean()
+    overlap = [len({r.item_id for r in a} & {r.item_id for r in b}) / 10
+               for a, b in zip(fp32.search_batch(queries(catalog)), int8.search_batch(queries(catalog)))]
+    assert np.mean(overlap) >= 0.9, np.mean(overlap)
+
+
+def test_runtime_results_equal_a_direct_computation_from_the_files(bundle, catalog):
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    from fedrec.text import context_text
+
+    model = EdgeModel(bundle, "fp32")
+    items = np.load(bundle / "items.npy").astype(np.float32)
+    names = json.loads((bundle / "items.json").read_text())
+    history = [names["item_ids"][3], names["item_ids"][8]]
+    tokenizer = Tokenizer.from_file(str(bundle / "tokenizer.json"))
+    encoding = tokenizer.encode(context_text([names["titles"][3], names["titles"][8]]))
+    session = ort.InferenceSession(str(bundle / "encoder.fp32.onnx"))
+    user = session.run(None, {"input_ids": np.array([encoding.ids]), "attention_mask": np.array([encoding.attention_mask])})[0][0]
+    scores = items @ user
+    scores[[3, 8]] = -np.inf
+    expected = np.argsort(-scores)[:5]
+    results = model.recommend(history, 5)
+    assert [r.item_id for r in results] == [names["item_ids"][i] for i in expected]
+    np.testing.assert_allclose([r.score for r in results], scores[expected], rtol=1e-5)
+    for r in results:
+        i = names["item_ids"].index(r.item_id)
+        best = max((3, 8), key=lambda h: float(items[i] @ items[h]))
+        assert r.because == names["titles"][best]
+    similar = model.similar(names["item_ids"][0], 3)
+    assert names["item_ids"][0] not in [r.item_id for r in similar]
+
+
+def test_manifest_describes_the_bundle(bundle, student_dir):
+    manifest = verify_bundle(bundle)
+    assert manifest["model"]["kind"] == "student" and manifest["source"] == str(student_dir.resolve())
+    assert set(manifest["files"]) == {"encoder.fp32.onnx", "encoder.int8.onnx", "tokenizer.json", "items.npy", "items.json"}
+    assert np.load(bundle / "items.npy").dtype == np.float16
+    norms = np.linalg.norm(np.load(bundle / "items.npy").astype(np.float32), axis=1)
+    np.testing.assert_allclose(norms, 1.0, atol=2e-3)
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda b: (b / "items.npy").write_bytes((b / "items.npy").read_bytes()[:-1] + b"\0"), "items.npy does not match"),
+    (lambda b: (b / "tokenizer.json").unlink(), "tokenizer.json is missing"),
+    (lambda b: (b / "extra.txt").write_text("x"), "not in the manifest: extra.txt"),
+    (lambda b: (b / "items.json").write_text("{}"), "items.json has"),
+    (lambda b: (b / "manifest.json").write_text(json.dumps({**json.loads((b / "manifest.json").read_text()),
+                                                            "format_version": 99})), "format version 99"),
+])
+def test_damaged_bundles_are_refused(bundle, tmp_path, damage, words):
+    copy = shutil.copytree(bundle, tmp_path / "copy")
+    damage(copy)
+    with pytest.raises(BundleError, match=words):
+        EdgeModel(copy)
+
+
+def test_archives_are_verified_and_cannot_escape(bundle, tmp_path):
+    folder = open_bundle(bundle.with_name("bundle.tar.gz"), tmp_path / "unpacked")
+    assert verify_bundle(folder)["format_version"] == 1
+    truncated = tmp_path / "truncated.tar.gz"
+    truncated.write_bytes(bundle.with_name("bundle.tar.gz").read_bytes()[:2000])
+    with pytest.raises(BundleError, match="not a readable"):
+        open_bundle(truncated, tmp_path / "t")
+    evil = tmp_path / "evil.tar.gz"
+    with tarfile.open(evil, "w:gz") as archive:
+        data = b"owned"
+        info = tarfile.TarInfo("../escaped.txt")
+        info.size = len(data)
+        archive.addfile(info, io.BytesIO(data))
+    with pytest.raises(BundleError, match="escapes the bundle folder"):
+        open_bundle(evil, tmp_path / "e")
+    assert not (tmp_path / "escaped.txt").exists()
+
+
+TORCH_FREE = """
+import sys, json, threading, urllib.request
+for name in ("torch", "transformers", "flwr", "opacus", "peft"):
+    sys.modules[name] = None          # importing any of these now fails
+from fedrec.edge_runtime import EdgeModel
+from fedrec.edge_runtime.server import make_server
+server = make_server(EdgeModel(sys.argv[1]), "127.0.0.1", 0)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+base = f"http://127.0.0.1:{server.server_address[1]}"
+health = json.load(urllib.request.urlopen(base + "/health"))
+request = urllib.request.Request(base + "/search", data=json.dumps({"query": "mug", "k": 3}).encode(),
+                                 headers={"Content-Type": "application/json"})
+print(json.dumps({"health": health, "search": json.load(urllib.request.urlopen(request))}))
+server.shutdown()
+"""
+
+
+def test_runtime_imports_and_serves_without_torch(bundle):
+    result = subprocess.run([sys.executable, "-c", TORCH_FREE, str(bundle)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert payload["health"]["status"] == "ok" and len(payload["search"]["results"]) == 3
+
+
+def post(base, path, body, content_type="application/json"):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(base + path, data=data, headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+def test_http_api_validates_input(bundle):
+    model = EdgeModel(bundle)
+    server = make_server(model, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        known = model.item_ids[:2]
+        status, body = post(base, "/recommend", {"history": [*known, "NOPE"], "k": 4})
+        assert status == 200 and body["unknown_ids"] == ["NOPE"] and len(body["results"]) == 4
+        assert not {r["item_id"] for r in body["results"]} & set(known)
+        assert post(base, "/search", {"query": "x", "k": 1000})[0] == 400
+        assert post(base, "/search", {"query": "x" * 600})[0] == 400
+        assert post(base, "/search", {"query": 5})[0] == 400
+        assert post(base, "/search", b"{not json")[0] == 400
+        assert post(base, "/search", [1, 2])[0] == 400
+        assert post(base, "/search", {"query": "mug"}, "text/plain")[0] == 415
+        assert post(base, "/similar", {"item_id": "NOPE"})[0] == 404
+        assert post(base, "/nowhere", {})[0] == 404
+        status, body = post(base, "/search", {"query": "a" * 10, "pad": "x" * 70000})
+        assert status == 413 and "body over" in body["error"]
+        assert post(base, "/search", {"query": "red mug", "k": 2})[0] == 200
+    finally:
+        server.shutdown()
+
+
+def test_tensorrt_without_a_gpu_is_a_clear_error(student_dir, catalog, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: bench/gpu_checks.py covers TensorRT there")
+    with pytest.raises(FedrecError, match="TensorRT"):
+        export_bundle(student_dir, catalog, tmp_path / "trt", tensorrt=True)
+    assert not (tmp_path / "trt").exists(), "nothing half-written"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TensorRT needs an NVIDIA GPU; none is present")
+def test_tensorrt_engine_builds_on_a_gpu(student_dir, catalog, tmp_path):
+    pytest.importorskip("tensorrt", reason="the tensorrt extra is not installed")
+    folder = export_bundle(student_dir, catalog, tmp_path / "trt", tensorrt=True)
+    assert (folder / "encoder.fp16.plan").stat().st_size > 0
