@@ -25,6 +25,7 @@ from fedrec.distill.student import Student, StudentConfig
 from fedrec.distill.vocab import prune_vocabulary
 from fedrec.model.teacher import TEACHER_FILE, Teacher
 from fedrec.text import context_text
+from fedrec.training.early_stopping import EarlyStopping
 
 PUBLIC_INPUTS = "public only: catalog item texts, synthetic contexts of catalog items, title fragments as queries"
 
@@ -99,8 +100,7 @@ def distill(teacher: Teacher, teacher_checkpoint: str | Path, catalog: Catalog, 
     val_targets = teacher.encode(val_contexts, model_cfg.max_context_tokens)
 
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr)
-    result = DistillResult(0, {"top10_overlap": -1.0})
-    best_state, waited = None, 0
+    result, stopper = DistillResult(0, {}), EarlyStopping(cfg.patience)
     for epoch in range(1, cfg.epochs + 1):
         student.train()
         order = rng.permutation(len(train_contexts))
@@ -125,15 +125,13 @@ def distill(teacher: Teacher, teacher_checkpoint: str | Path, catalog: Catalog, 
         result.history.append({"epoch": epoch, "loss": float(np.mean(losses)), **validation})
         log(f"epoch {epoch}: loss {np.mean(losses):.4f}, context cosine {validation['context_cosine']:.4f}, "
             f"top-10 overlap {validation['top10_overlap']:.3f}")
-        if validation["top10_overlap"] > result.validation["top10_overlap"]:
-            result.best_epoch, result.validation, waited = epoch, validation, 0
-            best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
-        else:
-            waited += 1
-            if waited >= cfg.patience:
-                log(f"early stop: no top-10 overlap gain for {cfg.patience} epochs")
-                break
-    student.load_state_dict(best_state)
+        snapshot = lambda: {k: v.detach().clone() for k, v in student.state_dict().items()}  # noqa: E731
+        if stopper.update(epoch, validation["top10_overlap"] + 1e-3 * validation["context_cosine"], snapshot):
+            result.best_epoch, result.validation = epoch, validation
+        elif stopper.should_stop:
+            log(f"early stop: no top-10 overlap gain for {cfg.patience} epochs")
+            break
+    student.load_state_dict(stopper.best_state)
     result.seconds = time.perf_counter() - started
     teacher_meta = json.loads((Path(teacher_checkpoint) / TEACHER_FILE).read_text())
     student.save(out_dir, {

@@ -129,14 +129,19 @@ def deployment(tmp_path, prepared):
     deployment.stop()
 
 
-def test_region_killed_mid_round_is_dropped_and_rejoins(tiny_encoder, deployment, tmp_path):
+def start_run(deployment, tiny_encoder, run_dir, min_regions):
+    """SuperLink, the three regions, and a three-round run submitted to them."""
     deployment.start_superlink()
     for region in REGIONS:
         deployment.start_region(region)
-    run_dir = tmp_path / "run"
-    config = tiny_config(tiny_encoder, rounds=3, min_regions=2, evaluate_every=10)
+    config = tiny_config(tiny_encoder, rounds=3, min_regions=min_regions, evaluate_every=10)
     control = deployment.control()
-    run_id = control.submit(run_config(config, run_dir, resume=False))
+    return config, control, control.submit(run_config(config, run_dir, resume=False))
+
+
+def test_region_killed_mid_round_is_dropped_and_rejoins(tiny_encoder, deployment, tmp_path):
+    run_dir = tmp_path / "run"
+    _, control, run_id = start_run(deployment, tiny_encoder, run_dir, min_regions=2)
     row = deployment.nodes["row"]
     wait_until(lambda: row.text().count("Receiving: train message") >= 2, 240, "round 2 to reach row")
     row.kill()
@@ -152,13 +157,8 @@ def test_region_killed_mid_round_is_dropped_and_rejoins(tiny_encoder, deployment
 
 
 def test_server_killed_and_resumed_continues_at_next_round(tiny_encoder, deployment, tmp_path):
-    deployment.start_superlink()
-    for region in REGIONS:
-        deployment.start_region(region)
     run_dir = tmp_path / "run"
-    config = tiny_config(tiny_encoder, rounds=3, min_regions=3, evaluate_every=10)
-    control = deployment.control()
-    control.submit(run_config(config, run_dir, resume=False))
+    config, control, _ = start_run(deployment, tiny_encoder, run_dir, min_regions=3)
     wait_until(lambda: rounds_done(run_dir) == [1], 300, "round 1")
     deployment.superlink.stop(sig=signal.SIGKILL)      # the coordinator dies mid-run
     control.close()

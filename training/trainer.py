@@ -19,6 +19,7 @@ from fedrec.config import FedrecConfig, TrainConfig
 from fedrec.data.silo import Silo, UserRecord
 from fedrec.evaluation.evaluate import evaluate_ranker
 from fedrec.evaluation.rankers import EncoderRanker
+from fedrec.training.early_stopping import EarlyStopping
 from fedrec.training.objective import RetrievalObjective, can_train, sample_example
 
 
@@ -79,7 +80,7 @@ def fit(teacher, silos: dict[str, Silo], config: FedrecConfig, out_dir: str | Pa
     users = [u for silo in silos.values() for u in silo.users]
     objective = RetrievalObjective(teacher, catalog)
     optimizer = make_optimizer(objective, cfg)
-    result, best_state, waited = FitResult(0, -1.0), teacher.adapter_state(), 0
+    result, stopper = FitResult(0, -1.0), EarlyStopping(cfg.patience)
     for epoch in range(1, cfg.epochs + 1):
         started = time.perf_counter()
         (loss,) = train_epochs(objective, optimizer, users, cfg, 1, rng, desc=f"epoch {epoch}/{cfg.epochs}")
@@ -89,16 +90,14 @@ def fit(teacher, silos: dict[str, Silo], config: FedrecConfig, out_dir: str | Pa
         ndcg = val["overall"]["ndcg@10"]
         result.history.append({"epoch": epoch, "loss": loss, "epoch_seconds": seconds, "val": val})
         log(f"epoch {epoch}: loss {loss:.4f}, val NDCG@10 {ndcg:.4f} ({seconds:.0f}s)")
-        if ndcg > result.best_val_ndcg:
-            result.best_epoch, result.best_val_ndcg, best_state, waited = epoch, ndcg, teacher.adapter_state(), 0
+        if stopper.update(epoch, ndcg, teacher.adapter_state):
+            result.best_epoch, result.best_val_ndcg = epoch, ndcg
             if out_dir:
                 teacher.save(out_dir, {"trained_on": sorted(silos), "epoch": epoch, "val_ndcg@10": ndcg})
-        else:
-            waited += 1
-            if waited >= cfg.patience:
-                log(f"early stop: no validation gain for {cfg.patience} epoch(s)")
-                break
-    teacher.load_adapter_state(best_state)
+        elif stopper.should_stop:
+            log(f"early stop: no validation gain for {cfg.patience} epoch(s)")
+            break
+    teacher.load_adapter_state(stopper.best_state)
     if out_dir:
         write_json(Path(out_dir) / "history.json", {"config": config.to_flat(), **vars(result)})
     return result

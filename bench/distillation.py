@@ -1,0 +1,54 @@
+"""Issue 5 benchmark: students of two sizes distilled from the trained teacher, evaluated on
+every Online Retail test user next to it (retention = student ÷ teacher), with sizes and time.
+
+    python bench/distillation.py [TEACHER_CHECKPOINT]   (default: the central teacher of bench/foundation.py)
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from common import WORK, save, silos_dir
+from fedrec.config import FedrecConfig
+from fedrec.data.silo import load_dataset
+from fedrec.distill.distill import distill
+from fedrec.evaluation.evaluate import evaluate_ranker
+from fedrec.evaluation.rankers import EncoderRanker
+from fedrec.model.teacher import Teacher
+
+SIZES = {"student-128x4": {"distill.hidden": 128, "distill.layers": 4, "distill.heads": 4, "distill.intermediate": 512},
+         "student-256x4": {"distill.hidden": 256, "distill.layers": 4, "distill.heads": 4, "distill.intermediate": 1024}}
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def main(teacher_dir: str = str(WORK / "checkpoints" / "central-teacher")) -> None:
+    silos = load_dataset(silos_dir())
+    catalog = silos["uk"].catalog
+    teacher = Teacher.load(teacher_dir)
+    teacher_test = evaluate_ranker(EncoderRanker(teacher, catalog, teacher.config.context_items), silos)
+    teacher_params = teacher.parameter_counts()["total"]
+    results = {"teacher": {"checkpoint": teacher_dir, "parameters": teacher_params,
+                           "bytes_fp32": teacher_params * 4, "test": teacher_test}, "students": {}}
+    for name, overrides in SIZES.items():
+        config = FedrecConfig.from_flat(overrides)
+        out = WORK / "students" / name
+        student, result = distill(teacher, teacher_dir, catalog, config, out)
+        test = evaluate_ranker(EncoderRanker(student, catalog, student.config.context_items), silos)
+        results["students"][name] = {
+            "config": overrides, "parameters": student.parameter_count(),
+            "parameter_ratio": student.parameter_count() / teacher_params,
+            "checkpoint_bytes": folder_bytes(out), "vocabulary": student.config.vocab_size,
+            "distill_seconds": result.seconds, "best_epoch": result.best_epoch, "validation": result.validation,
+            "test": test,
+            "retention": {r: {m: test[r][m] / teacher_test[r][m] if teacher_test[r][m] else None
+                              for m in ("ndcg@10", "recall@10")} for r in test},
+        }
+        save("distillation", results)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

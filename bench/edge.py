@@ -1,0 +1,165 @@
+"""Issue 6 benchmark (CPU): per-query latency of teacher torch / teacher ORT / student ORT FP32
+and INT8 on one thread, the student's FLOP floor, bundle sizes, exact top-10 over 100k and 1M
+item vectors, and HTTP throughput of `fedrec serve` under load from a separate process.
+
+    python bench/edge.py TEACHER_CHECKPOINT STUDENT_CHECKPOINT
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import WORK, save, silos_dir
+from fedrec.data.silo import load_dataset
+from fedrec.edge_runtime import EdgeModel
+from fedrec.edge_runtime.runtime import Index
+from fedrec.export.bundle import export_bundle
+from fedrec.federation.deployment import free_port
+from fedrec.model.teacher import Teacher
+
+
+def percentiles(seconds: list[float]) -> dict:
+    ms = np.array(seconds) * 1000
+    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "calls": len(ms)}
+
+
+def timed(call, inputs, warmup: int = 20) -> dict:
+    for x in inputs[:warmup]:
+        call(x)
+    out = []
+    for x in inputs:
+        started = time.perf_counter()
+        call(x)
+        out.append(time.perf_counter() - started)
+    return percentiles(out)
+
+
+def peak_gflops_one_thread() -> float:
+    from threadpoolctl import threadpool_limits
+
+    a = np.random.default_rng(0).standard_normal((512, 512), dtype=np.float32)
+    with threadpool_limits(1):
+        a @ a
+        started = time.perf_counter()
+        for _ in range(20):
+            a @ a
+        return 20 * 2 * 512 ** 3 / (time.perf_counter() - started) / 1e9
+
+
+def student_flops(manifest: dict, tokens: int) -> float:
+    m = manifest["model"]
+    h, layers = m["hidden"], m["layers"]
+    per_layer = 2 * tokens * (4 * h * h + 2 * h * 4 * h) + 4 * tokens * tokens * h   # dense + attention
+    return layers * per_layer + 2 * tokens * h * m["dim"]
+
+
+def http_load(bundle: Path, queries: list[str], requests: int = 1500, clients: int = 4) -> dict:
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "fedrec.tools", "serve", str(bundle), "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(base + "/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.2)
+        rss_before = _rss(server.pid)
+
+        def one(i):
+            body = json.dumps({"query": queries[i % len(queries)], "k": 10}).encode()
+            request = urllib.request.Request(base + "/search", data=body, headers={"Content-Type": "application/json"})
+            started = time.perf_counter()
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    ok = response.status == 200
+            except OSError:
+                ok = False
+            return ok, time.perf_counter() - started
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            results = list(pool.map(one, range(requests)))
+        wall = time.perf_counter() - started
+        return {"requests": requests, "clients": clients, "errors": sum(not ok for ok, _ in results),
+                "requests_per_second": requests / wall, **percentiles([s for _, s in results]),
+                "server_rss_mb_before": rss_before, "server_rss_mb_after": _rss(server.pid)}
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def _rss(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main(teacher_dir: str, student_dir: str) -> None:
+    torch.set_num_threads(1)
+    silos = load_dataset(silos_dir())
+    catalog = silos["uk"].catalog
+    bundles = {name: export_bundle(path, catalog, WORK / "bundles" / name)
+               for name, path in (("teacher", teacher_dir), ("student", student_dir))}
+    users = [u for s in silos.values() for u in s.eval_users("test")][:300]
+    histories = [[catalog.item_ids[i] for i in u.eval_case("test")[0][:10]] for u in users]
+
+    teacher = Teacher.load(teacher_dir).eval()
+    items = torch.as_tensor(np.load(bundles["teacher"] / "items.npy").astype(np.float32))
+
+    def teacher_torch(history):
+        positions = [catalog.index[i] for i in history]
+        text = catalog.context(positions, "", teacher.config.context_items)
+        with torch.no_grad():
+            (teacher.encode_contexts([text]) @ items.T).topk(10)
+
+    latency = {"teacher torch eager": timed(teacher_torch, histories)}
+    sizes = {}
+    for name, bundle in bundles.items():
+        for precision in ("fp32", "int8"):
+            model = EdgeModel(bundle, precision, threads=1)
+            latency[f"{name} ORT {precision}"] = timed(lambda h: model.recommend(h, 10), histories)
+        sizes[name] = {f: info["bytes"] for f, info in json.loads((bundle / "manifest.json").read_text())["files"].items()}
+    manifest = json.loads((bundles["student"] / "manifest.json").read_text())
+    model = EdgeModel(bundles["student"], "int8", threads=1)
+    tokens = int(np.mean([len(model.tokenizer.encode(model_text).ids) for model_text in
+                          [catalog.context([catalog.index[i] for i in h], "", 10) for h in histories]]))
+    peak = peak_gflops_one_thread()
+    floor_ms = student_flops(manifest, tokens) / (peak * 1e9) * 1000
+
+    rng = np.random.default_rng(0)
+    topk = {}
+    for n in (100_000, 1_000_000):
+        vectors = rng.standard_normal((n, manifest["model"]["dim"]), dtype=np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        index = Index(vectors.astype(np.float16))
+        queries = vectors[:25]
+        topk[str(n)] = timed(lambda q: index.search(q[None, :], 10), list(queries), warmup=5)
+        del index, vectors
+    queries = [catalog.titles[i].lower()[:30] for i in rng.choice(len(catalog), 200, replace=False)]
+    save("edge", {
+        "latency_one_thread": latency,
+        "speedup_student_int8_vs_teacher_torch": latency["teacher torch eager"]["p50_ms"] / latency["student ORT int8"]["p50_ms"],
+        "student_flop_floor": {"mean_context_tokens": tokens, "flops": student_flops(manifest, tokens),
+                               "peak_gflops_one_thread": peak, "floor_ms": floor_ms,
+                               "int8_p50_over_floor": latency["student ORT int8"]["p50_ms"] / floor_ms},
+        "bundle_bytes": sizes, "top10_exact_search_2_threads": topk,
+        "http_student_int8": http_load(bundles["student"], queries),
+        "cpu_count": os.cpu_count(),
+    })
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
