@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -25,8 +26,15 @@ ConfigOption = typer.Option(None, "--config", help="TOML file with \\[model], \\
 SetOption = typer.Option([], "--set", help="Override one setting, e.g. --set train.lr=0.0005 (repeatable).")
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main() -> None:
-    """Entry point: user errors print one clear line and exit 2, never a traceback."""
+    """Entry point: user errors print one clear line and exit 2, never a traceback.
+
+    SIGTERM is handled like Ctrl-C, so commands that started Flower processes stop them."""
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         app()
     except FedrecError as exc:
