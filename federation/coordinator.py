@@ -34,6 +34,18 @@ def state_bytes(adapters: State) -> int:
     return int(sum(v.nbytes for v in adapters.values()))
 
 
+def invalid_update(sent: State, expected: State) -> str:
+    """Why a region's update cannot be aggregated ("" when it can)."""
+    if set(sent) != set(expected):
+        return "its tensors do not match the global adapters"
+    for name, value in sent.items():
+        if value.shape != expected[name].shape:
+            return f"{name} has shape {value.shape}, expected {expected[name].shape}"
+        if not np.all(np.isfinite(value)):
+            return f"{name} holds non-finite values"
+    return ""
+
+
 def log(text: str) -> None:
     print(f"[fedrec server] {text}", flush=True)
 
@@ -116,6 +128,11 @@ class Coordinator:
                     log(f"round {server_round}: {info.get('reason', region + ' declined')}")
                     continue
                 sent = from_record(reply.content["arrays"])
+                problem = invalid_update(sent, adapters)
+                if problem:
+                    record["dropped"][region] = f"update rejected: {problem}"
+                    log(f"round {server_round}: region {region}'s update rejected ({problem})")
+                    continue
                 updates.append(RegionUpdate(region, sent, int(metrics["num_examples"])))
                 record["regions"][region] = {**metrics, "bytes_sent": state_bytes(sent),
                                              **{k: v for k, v in info.items() if k in ("epsilon", "noise_multiplier")}}

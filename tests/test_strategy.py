@@ -60,3 +60,12 @@ def test_flower_app_manifest_is_generated_from_the_typed_config():
     flat = {f"{section}.{key}": value for section, table in config.items() for key, value in table.items()}
     assert flat == FedrecConfig().to_flat()
     assert manifest["tool"]["flwr"]["app"]["components"]["clientapp"] == "fedrec.federation.client_app:app"
+
+
+def test_coordinator_rejects_malformed_updates_instead_of_failing():
+    from fedrec.federation.coordinator import invalid_update
+
+    assert invalid_update({"a": np.zeros(3), "b": np.ones((2, 2))}, GLOBAL) == ""
+    assert "non-finite" in invalid_update({"a": np.array([0, np.inf, 0]), "b": np.ones((2, 2))}, GLOBAL)
+    assert "shape" in invalid_update({"a": np.zeros(4), "b": np.ones((2, 2))}, GLOBAL)
+    assert "do not match" in invalid_update({"a": np.zeros(3)}, GLOBAL)
