@@ -153,3 +153,16 @@ def test_generic_unknown_item_is_refused(tmp_path):
     with pytest.raises(DataError, match="'zz' is not in the catalog") as info:
         prepare(tmp_path / "i.csv", tmp_path / "out", catalog=tmp_path / "c.csv")
     assert info.value.row == 1 and info.value.column == "item_id"
+
+
+def test_original_xlsx_layout_gives_the_same_silos_as_csv(retail_slice, tmp_path):
+    frame = pd.read_csv(retail_slice, dtype=str, keep_default_na=False).head(400)
+    frame.to_csv(tmp_path / "slice.csv", index=False)
+    typed = frame.assign(InvoiceDate=pd.to_datetime(frame["InvoiceDate"]),      # Excel date cells
+                         Quantity=frame["Quantity"].astype(int), UnitPrice=frame["UnitPrice"].astype(float))
+    typed.to_excel(tmp_path / "slice.xlsx", index=False)
+    from_csv = prepare(tmp_path / "slice.csv", tmp_path / "csv").summary
+    from_xlsx = prepare(tmp_path / "slice.xlsx", tmp_path / "xlsx").summary
+    assert from_xlsx["regions"] == from_csv["regions"] and from_xlsx["cleaning"] == from_csv["cleaning"]
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "xlsx" / "uk" / "interactions.parquet"),
+                                  pd.read_parquet(tmp_path / "csv" / "uk" / "interactions.parquet"))

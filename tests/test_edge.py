@@ -214,3 +214,19 @@ def test_tensorrt_engine_builds_on_a_gpu(student_dir, catalog, tmp_path):
     pytest.importorskip("tensorrt", reason="the tensorrt extra is not installed")
     folder = export_bundle(student_dir, catalog, tmp_path / "trt", tensorrt=True)
     assert (folder / "encoder.fp16.plan").stat().st_size > 0
+
+
+def test_the_teacher_exports_too_with_adapters_merged(tiny_encoder, catalog, tmp_path):
+    from fedrec.text import context_text
+
+    torch.manual_seed(0)
+    teacher = Teacher(FedrecConfig.from_flat({"model.encoder": str(tiny_encoder)}).model)
+    with torch.no_grad():          # adapters that really change the output, so merging matters
+        for p in teacher.adapter_parameters().values():
+            p.add_(0.2 * torch.randn_like(p))
+    checkpoint = teacher.save(tmp_path / "teacher")
+    bundle = export_bundle(checkpoint, catalog, tmp_path / "bundle", int8=False)
+    texts = [context_text([], q) for q in queries(catalog, 20)]
+    reference = teacher.encode(texts, teacher.config.max_context_tokens).numpy()
+    cosine = (EdgeModel(bundle, "fp32").embed(texts) * reference).sum(1)
+    assert verify_bundle(bundle)["model"]["kind"] == "teacher" and cosine.min() >= 0.9999

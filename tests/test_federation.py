@@ -13,13 +13,17 @@ import numpy as np
 import pytest
 
 from fedrec.config import FedrecConfig
+from fedrec.data.silo import load_silo
 from fedrec.federation.certs import create_dev_pki, create_node_key
 from fedrec.federation.deployment import Control, free_port, start_superlink, start_supernode
 from fedrec.federation.launch import RegionNode, run_config, simulate
 from fedrec.federation.region import sent_update_path
 from fedrec.federation.run_folder import RunFolder
+from fedrec.privacy.accountant import opacus_epsilon
 from fedrec.privacy.budget import RegionBudget
+from fedrec.privacy.dp_sgd import round_shape
 from fedrec.privacy.ledger import Ledger
+from fedrec.training.objective import can_train
 
 REGIONS = ["eu", "row", "uk"]
 
@@ -46,37 +50,44 @@ def rounds_done(run_dir: Path) -> list[int]:
     return [r["round"] for r in json.loads(path.read_text())] if path.exists() else []
 
 
-def test_two_rounds_three_regions_with_dp_average_and_audit(tiny_encoder, prepared, tmp_path):
+def test_two_rounds_three_regions_with_dp_decline_average_and_audit(tiny_encoder, prepared, tmp_path):
     run_dir = tmp_path / "run"
-    config = tiny_config(tiny_encoder, rounds=2, min_regions=3)
-    budgets = {"eu": RegionBudget(epsilon=40.0, delta=1e-3), "uk": RegionBudget(epsilon=40.0, delta=1e-3),
-               "row": RegionBudget(enabled=False)}
+    config = tiny_config(tiny_encoder, rounds=2, min_regions=2)
+    row_users = sum(can_train(u) for u in load_silo(prepared / "row").users)
+    q, steps = round_shape(row_users, config.train.batch_size, 1)
+    one_round = opacus_epsilon([(2.0, q, steps)], 1e-3)
+    budgets = {"eu": RegionBudget(epsilon=40.0, delta=1e-3),                              # DP, ample
+               "row": RegionBudget(epsilon=one_round * 1.05, delta=1e-3, noise_multiplier=2.0),  # one round
+               "uk": RegionBudget(enabled=False)}                                          # --no-dp
     history = simulate(prepared, REGIONS, run_dir, config, budgets, tls=True, echo=lambda _: None)
 
     assert [r["round"] for r in history] == [1, 2]
+    assert sorted(history[0]["regions"]) == REGIONS and not history[0]["declined"]
+    assert sorted(history[1]["regions"]) == ["eu", "uk"] and "over its budget" in history[1]["declined"]["row"]
     for record in history:
-        assert sorted(record["regions"]) == REGIONS and not record["dropped"]
+        assert not record["dropped"]
         assert all(m["bytes_sent"] > 0 and "val_ndcg@10" in m for m in record["regions"].values())
     # the global adapters are the example-weighted mean of what the regions say they sent
     run = RunFolder(run_dir)
-    for server_round in (1, 2):
+    for server_round, regions in ((1, REGIONS), (2, ["eu", "uk"])):
         global_state, _ = run.load_round(server_round)
-        sent = {r: np.load(sent_update_path(run_dir / "regions" / r, run_dir.name, server_round)) for r in REGIONS}
-        weights = {r: int(sent[r]["__num_examples__"]) for r in REGIONS}
-        assert weights == {r: history[server_round - 1]["regions"][r]["num_examples"] for r in REGIONS}
+        sent = {r: np.load(sent_update_path(run_dir / "regions" / r, run_dir.name, server_round)) for r in regions}
+        weights = {r: int(sent[r]["__num_examples__"]) for r in regions}
+        assert weights == {r: history[server_round - 1]["regions"][r]["num_examples"] for r in regions}
         total = sum(weights.values())
         for name, value in global_state.items():
-            expected = sum(weights[r] * sent[r][name].astype(np.float64) for r in REGIONS) / total
+            expected = sum(weights[r] * sent[r][name].astype(np.float64) for r in regions) / total
             np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-7)
+    assert not sent_update_path(run_dir / "regions" / "row", run_dir.name, 2).exists(), "nothing left row in round 2"
     assert (run_dir / "final" / "adapters.safetensors").is_file()
     final_meta = json.loads((run_dir / "final" / "teacher.json").read_text())
-    assert sorted(final_meta["privacy"]) == ["eu", "uk"]
+    assert sorted(final_meta["privacy"]) == ["eu", "row"]
 
-    # DP regions wrote two ledger entries each; the non-DP region none; the audit accepts them
-    for region in ("eu", "uk"):
-        entries = Ledger(run_dir / "regions" / region / "ledger.jsonl").entries()
-        assert [e.round for e in entries] == [1, 2] and entries[1].epsilon > entries[0].epsilon
-    assert not (run_dir / "regions" / "row" / "ledger.jsonl").exists()
+    # DP regions wrote one ledger entry per update they released; the --no-dp region none
+    ledgers = {r: Ledger(run_dir / "regions" / r / "ledger.jsonl").entries() for r in ("eu", "row")}
+    assert [e.round for e in ledgers["eu"]] == [1, 2] and ledgers["eu"][1].epsilon > ledgers["eu"][0].epsilon
+    assert [e.round for e in ledgers["row"]] == [1] and ledgers["row"][0].epsilon <= budgets["row"].epsilon
+    assert not (run_dir / "regions" / "uk" / "ledger.jsonl").exists()
     audit = subprocess.run([sys.executable, "-m", "fedrec.tools", "audit", str(run_dir),
                             "--json", str(tmp_path / "audit.json"), "--html", str(tmp_path / "audit.html")],
                            capture_output=True, text=True)
