@@ -1,0 +1,116 @@
+"""Property-based hostile input: every outcome is a result or a clear error, never a traceback,
+a hang or a half-written output."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import urllib.error
+import urllib.request
+
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fedrec.data.prepare import prepare
+from fedrec.edge_runtime import BundleError, EdgeModel
+from fedrec.edge_runtime.server import make_server
+from fedrec.errors import DataError
+
+FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
+timestamp = st.one_of(st.just("2024-01-01T10:00:00"), st.just("2024-03-05 08:00"), st.just("1700000000"),
+                      st.just("not a date"), st.just(""), text)
+
+
+@FAST
+@given(rows=st.lists(st.tuples(st.sampled_from(["u1", "u2", "", "ü"]), st.sampled_from(["i1", "i2", "zz", ""]),
+                               timestamp, st.sampled_from(["eu", "uk", ""]), text), min_size=1, max_size=12),
+       titles=st.lists(st.one_of(text, st.just("x" * 5000)), min_size=2, max_size=2))
+def test_generic_ingestion_gives_silos_or_a_located_error(tmp_path_factory, rows, titles):
+    root = tmp_path_factory.mktemp("ingest")
+    pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp", "region", "query"]).to_csv(root / "i.csv", index=False)
+    pd.DataFrame({"item_id": ["i1", "i2"], "title": titles}).to_csv(root / "c.csv", index=False)
+    try:
+        result = prepare(root / "i.csv", root / "out", catalog=root / "c.csv")
+    except DataError as error:
+        assert error.file and (error.column or error.row is None)
+        assert not (root / "out").exists()
+    else:
+        assert (root / "out" / "summary.json").is_file()
+        assert set(result.summary["regions"]) <= {"eu", "uk"}
+    assert not [p for p in root.iterdir() if p.name.startswith(".")], "no temporary left behind"
+
+
+@pytest.fixture(scope="module")
+def small_bundle(prepared, tiny_encoder, tmp_path_factory):
+    import torch
+
+    from fedrec.config import FedrecConfig
+    from fedrec.data.silo import Catalog
+    from fedrec.export.bundle import export_bundle
+    from fedrec.model.teacher import Teacher
+
+    torch.manual_seed(0)
+    teacher = Teacher(FedrecConfig.from_flat({"model.encoder": str(tiny_encoder)}).model)
+    root = tmp_path_factory.mktemp("hostile")
+    return export_bundle(teacher.save(root / "teacher"), Catalog.load(prepared / "catalog.parquet"),
+                         root / "bundle", int8=False, tar=True)
+
+
+@FAST
+@given(name=st.sampled_from(["encoder.fp32.onnx", "tokenizer.json", "items.npy", "items.json", "manifest.json"]),
+       position=st.floats(0, 1), cut=st.booleans())
+def test_any_flipped_or_truncated_byte_is_refused(small_bundle, tmp_path_factory, name, position, cut):
+    copy = shutil.copytree(small_bundle, tmp_path_factory.mktemp("flip") / "b")
+    data = bytearray((copy / name).read_bytes())
+    at = min(int(position * len(data)), len(data) - 1)
+    if cut:
+        data = data[:at]
+    else:
+        data[at] ^= 0xFF
+    (copy / name).write_bytes(bytes(data))
+    with pytest.raises(BundleError):
+        EdgeModel(copy)
+
+
+@FAST
+@given(cut=st.integers(1, 5000))
+def test_truncated_archives_are_refused(small_bundle, tmp_path_factory, cut):
+    archive = small_bundle.with_name("bundle.tar.gz").read_bytes()
+    path = tmp_path_factory.mktemp("tar") / "b.tar.gz"
+    path.write_bytes(archive[: max(0, len(archive) - cut)])
+    with pytest.raises(BundleError):
+        EdgeModel(path)
+
+
+@pytest.fixture(scope="module")
+def server(small_bundle):
+    server = make_server(EdgeModel(small_bundle, "fp32"), "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | text,
+                           lambda children: st.lists(children, max_size=4) | st.dictionaries(text, children, max_size=4),
+                           max_leaves=10)
+
+
+@FAST
+@given(path=st.sampled_from(["/recommend", "/search", "/similar", "/other"]),
+       body=st.one_of(json_values, st.fixed_dictionaries({"query": json_values, "k": json_values}),
+                      st.fixed_dictionaries({"history": json_values, "k": json_values}),
+                      st.fixed_dictionaries({"item_id": json_values})))
+def test_http_api_answers_any_json_with_a_result_or_a_4xx(server, path, body):
+    request = urllib.request.Request(server + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            status, payload = response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        status, payload = error.code, json.load(error)
+    assert status in (200, 400, 404), (status, payload)
+    assert ("results" in payload) == (status == 200)
