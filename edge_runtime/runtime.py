@@ -48,6 +48,10 @@ class Index:
         top = np.take_along_axis(top, order, 1)
         return top, np.take_along_axis(scores, top, 1)
 
+    def search_one(self, query: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        top, scores = self.search(query[None, :], k)
+        return top[0], scores[0]
+
 
 class EdgeModel:
     def __init__(self, bundle: str | Path, precision: str = "int8", device: str = "cpu", threads: int = 1):

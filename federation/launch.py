@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from fedrec.config import FedrecConfig
 from fedrec.errors import FedrecError
-from fedrec.federation.certs import ServerTLS, create_dev_pki
+from fedrec.federation.certs import create_dev_pki
 from fedrec.federation.deployment import Control, Process, free_port, start_superlink, start_supernode
 from fedrec.privacy.budget import RegionBudget
 
