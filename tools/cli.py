@@ -22,7 +22,7 @@ app.add_typer(model_app, name="model")
 app.add_typer(privacy_app, name="privacy")
 
 DEFAULT_SOURCE = Path(__file__).resolve().parents[2] / "shared" / "data" / "online-retail" / "online_retail.csv.gz"
-ConfigOption = typer.Option(None, "--config", help="TOML file with \\[model], \\[train] and \\[federation] tables.")
+ConfigOption = typer.Option(None, "--config", help="TOML file with \\[model], \\[train], \\[federation] and \\[distill] tables.")
 SetOption = typer.Option([], "--set", help="Override one setting, e.g. --set train.lr=0.0005 (repeatable).")
 
 
@@ -42,19 +42,19 @@ def main() -> None:
         sys.exit(2)
 
 
-def _config(config: Optional[Path], overrides: List[str], encoder: Optional[str] = None):
-    from fedrec.config import FedrecConfig, parse_overrides
-
-    values = parse_overrides(overrides)
-    if encoder is not None:
-        values["model.encoder"] = encoder
-    return FedrecConfig.load(config, values)
-
-
 def _overrides(pairs: List[str]) -> dict:
     from fedrec.config import parse_overrides
 
     return parse_overrides(pairs)
+
+
+def _config(config: Optional[Path], overrides: List[str], encoder: Optional[str] = None):
+    from fedrec.config import FedrecConfig
+
+    values = _overrides(overrides)
+    if encoder is not None:
+        values["model.encoder"] = encoder
+    return FedrecConfig.load(config, values)
 
 
 def _regions(spec: str) -> list[str] | None:
