@@ -39,16 +39,28 @@ def clipped_delta(update: RegionUpdate, global_state: State, max_norm: float) ->
     return delta, norm
 
 
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "trimmed_mean")
+
+
+def robust_mean(deltas: list[np.ndarray], trim: int) -> np.ndarray:
+    """Coordinate-wise mean after dropping the `trim` lowest and highest values (median if none remain)."""
+    stacked = np.sort(np.stack(deltas), axis=0)
+    if len(deltas) - 2 * trim <= 0:
+        return np.median(stacked, axis=0)
+    return stacked[trim:len(deltas) - trim].mean(axis=0)
+
+
 @dataclass
 class Aggregator:
-    """FedAvg (example-weighted mean) and FedProx (same server rule) or FedAdam (adaptive server step)."""
+    """FedAvg (example-weighted mean), FedProx (same server rule), FedAdam (adaptive server step),
+    or a robust rule that bounds what one region can do: FedMedian, trimmed mean."""
 
     config: FederationConfig
     moments: dict[str, State] = field(default_factory=dict)   # FedAdam's m and v; saved for resume
 
     def __post_init__(self):
-        if self.config.strategy not in ("fedavg", "fedprox", "fedadam"):
-            raise FedrecError(f"unknown strategy {self.config.strategy!r}; choose fedavg, fedprox or fedadam")
+        if self.config.strategy not in STRATEGIES:
+            raise FedrecError(f"unknown strategy {self.config.strategy!r}; choose one of {', '.join(STRATEGIES)}")
 
     def aggregate(self, global_state: State, updates: list[RegionUpdate]) -> tuple[State, dict[str, float]]:
         """New global adapters and each region's (pre-clipping) update norm."""
@@ -56,12 +68,16 @@ class Aggregator:
         if total <= 0:
             raise FedrecError("no region reported any training examples this round")
         mean_delta = {k: np.zeros_like(v, dtype=np.float64) for k, v in global_state.items()}
-        norms = {}
+        norms, deltas = {}, []
         for update in updates:
             delta, norms[update.region] = clipped_delta(update, global_state, self.config.clip_update_norm)
+            deltas.append(delta)
             weight = update.num_examples / total
             for k in mean_delta:
                 mean_delta[k] += weight * delta[k]
+        if self.config.strategy in ("fedmedian", "trimmed_mean"):
+            trim = len(deltas) if self.config.strategy == "fedmedian" else int(self.config.trim_fraction * len(deltas))
+            mean_delta = {k: robust_mean([d[k] for d in deltas], trim) for k in global_state}
         if self.config.strategy == "fedadam":
             mean_delta = self._adam_step(mean_delta)
         new_state = {k: (global_state[k] + mean_delta[k]).astype(global_state[k].dtype) for k in global_state}

@@ -53,13 +53,14 @@ class FederationConfig:
     rounds: int = 3
     local_epochs: int = 1
     min_regions: int = 1                   # fewer successful replies than this fails the round
-    strategy: str = "fedavg"               # fedavg | fedprox | fedadam
+    strategy: str = "fedavg"               # fedavg | fedprox | fedadam | fedmedian | trimmed_mean
     proximal_mu: float = 0.01              # fedprox: weight of the proximal term
     server_lr: float = 0.01                # fedadam
     server_beta1: float = 0.9
     server_beta2: float = 0.99
     server_tau: float = 1e-3
     clip_update_norm: float = 0.0          # server-side bound on each region's update norm; 0 = off
+    trim_fraction: float = 0.2             # trimmed_mean: share of regions dropped at each end
     round_timeout: float = 900.0           # seconds to wait for the regions' replies
     wait_for_regions: float = 300.0        # seconds to wait for min_regions to connect
     evaluate_every: int = 1                # rounds between evaluations on the regions' own users (0 = never)

@@ -69,3 +69,16 @@ def test_coordinator_rejects_malformed_updates_instead_of_failing():
     assert "non-finite" in invalid_update({"a": np.array([0, np.inf, 0]), "b": np.ones((2, 2))}, GLOBAL)
     assert "shape" in invalid_update({"a": np.zeros(4), "b": np.ones((2, 2))}, GLOBAL)
     assert "do not match" in invalid_update({"a": np.zeros(3)}, GLOBAL)
+
+
+@pytest.mark.parametrize("strategy, trim", [("fedmedian", 0.0), ("trimmed_mean", 0.25)])
+def test_robust_rules_bound_a_poisoned_region(strategy, trim):
+    honest = [update(r, [0.1 * i, 0.1, -0.1], 1.0 + 0.1 * i, 10) for i, r in enumerate(("uk", "eu", "ch", "de"))]
+    poisoned = update("row", [100.0, -100.0, 100.0], 100.0, 1000)      # ×100 and claims many examples
+    aggregator = Aggregator(FederationConfig(strategy=strategy, trim_fraction=trim))
+    new, _ = aggregator.aggregate(GLOBAL, [*honest, poisoned])
+    low = np.min([u.adapters["a"] for u in honest], axis=0)
+    high = np.max([u.adapters["a"] for u in honest], axis=0)
+    assert np.all(new["a"] >= low - 1e-6) and np.all(new["a"] <= high + 1e-6)
+    fedavg, _ = Aggregator(FederationConfig()).aggregate(GLOBAL, [*honest, poisoned])
+    assert np.abs(fedavg["a"]).max() > 50, "plain FedAvg is dragged along"
