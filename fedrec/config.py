@@ -80,10 +80,10 @@ class DistillConfig:
     vocab_reserve: int = 1000              # extra common whole words kept beyond the catalog's
     contexts: int = 6000                   # synthetic user contexts built from catalog items
     queries_per_item: int = 1              # title fragments used as search queries
-    epochs: int = 30
+    epochs: int = 10
     batch_size: int = 64
     lr: float = 2e-3
-    candidates: int = 256                  # catalog items per batch for the listwise loss
+    candidates: int = 128                  # catalog items per batch for the listwise loss
     kl_weight: float = 1.0
     kl_temperature: float = 0.05
     patience: int = 3
