@@ -17,9 +17,9 @@ from fedrec.evaluation.evaluate import evaluate_ranker
 from fedrec.evaluation.rankers import EncoderRanker
 from fedrec.model.teacher import Teacher
 
-BUDGET = {"distill.epochs": 6}          # what this 2-core machine affords per student
+BUDGET = {"distill.epochs": 6, "distill.contexts": 4000}       # what a shared 2-core machine affords
 SIZES = {"student-128x4": {"distill.hidden": 128, "distill.layers": 4, "distill.heads": 4, "distill.intermediate": 512, **BUDGET},
-         "student-256x4": {"distill.hidden": 256, "distill.layers": 4, "distill.heads": 4, "distill.intermediate": 1024, **BUDGET}}
+         "student-64x2": {"distill.hidden": 64, "distill.layers": 2, "distill.heads": 2, "distill.intermediate": 256, **BUDGET}}
 
 
 def folder_bytes(path: Path) -> int:
