@@ -44,8 +44,12 @@ def main() -> None:
     foundation = load("foundation")
     if foundation:
         out += ["## Teacher and baselines (issue 2: `bench/foundation.py`)", "", machine_line(foundation), ""]
-        rows = dict(foundation["test"])
+        order = ["popularity (global)", "popularity (region)", "co-occurrence", "zero-shot encoder",
+                 "central teacher", "uk alone", "eu alone", "row alone"]
+        rows = {name: foundation["test"][name] for name in order if name in foundation["test"]}
         out += metric_table(rows)
+        out += ["", "Epoch times below were measured while other jobs (the test suite, other benchmarks) shared "
+                    "the two cores; read them as upper bounds."]
         out += ["", "| trained model | epochs run | best epoch | seconds per epoch | val NDCG@10 per epoch |", "|---|---|---|---|---|"]
         for name, t in foundation["training"].items():
             out.append(f"| {name} | {t['epochs_run']} | {t['best_epoch']} | "
