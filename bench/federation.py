@@ -25,7 +25,7 @@ from fedrec.federation.launch import simulate
 from fedrec.model.teacher import Teacher
 from fedrec.privacy.budget import RegionBudget
 
-SETTINGS = {"federation.rounds": 2, "federation.local_epochs": 1, "federation.evaluate_every": 0}
+SETTINGS = {"federation.rounds": 2, "federation.local_epochs": 0.5, "federation.evaluate_every": 0}
 
 
 def federated_run(name: str, budgets: dict[str, RegionBudget]) -> dict:

@@ -51,7 +51,7 @@ class FederationConfig:
     """The server's plan. A region's privacy budget is NOT here: regions set it on their side."""
 
     rounds: int = 3
-    local_epochs: int = 1
+    local_epochs: float = 1.0              # expected passes over a region's users per round (may be < 1)
     min_regions: int = 1                   # fewer successful replies than this fails the round
     strategy: str = "fedavg"               # fedavg | fedprox | fedadam | fedmedian | trimmed_mean
     proximal_mu: float = 0.01              # fedprox: weight of the proximal term

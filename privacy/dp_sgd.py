@@ -36,12 +36,12 @@ class DPPlan:
     max_grad_norm: float
 
 
-def round_shape(users: int, batch_size: int, local_epochs: int) -> tuple[float, int]:
+def round_shape(users: int, batch_size: int, local_epochs: float) -> tuple[float, int]:
     """Sample rate q = B/N and the steps of `local_epochs` expected passes over the users."""
     if users <= 0:
         raise FedrecError("this region has no users with training data")
     sample_rate = min(1.0, batch_size / users)
-    return sample_rate, local_epochs * math.ceil(1 / sample_rate)
+    return sample_rate, max(1, round(local_epochs * math.ceil(1 / sample_rate)))
 
 
 def train_private(objective: RetrievalObjective, users: list[UserRecord], cfg: TrainConfig,

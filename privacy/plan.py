@@ -24,7 +24,7 @@ class PrivacyPlan:
     warnings: list[str] = field(default_factory=list)
 
 
-def plan_privacy(users: int, batch_size: int, rounds: int, local_epochs: int, epsilon: float,
+def plan_privacy(users: int, batch_size: int, rounds: int, local_epochs: float, epsilon: float,
                  delta: float, accountant: str = "prv") -> PrivacyPlan:
     RegionBudget(epsilon=epsilon, delta=delta, accountant=accountant).validate(users)
     sample_rate, steps = round_shape(users, batch_size, local_epochs)

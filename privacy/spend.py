@@ -39,7 +39,7 @@ class RegionPrivacy:
     def spent(self) -> float:
         return opacus_epsilon(self.history(), self.budget.delta, self.budget.accountant)
 
-    def plan_round(self, users: int, batch_size: int, local_epochs: int, planned_rounds: int) -> SpendDecision:
+    def plan_round(self, users: int, batch_size: int, local_epochs: float, planned_rounds: int) -> SpendDecision:
         """σ is fixed once for the whole run (given, or derived from the budget for the planned
         rounds at the first spend) and then read back from the ledger."""
         self.budget.validate(users)

@@ -325,7 +325,7 @@ def audit_command(
 
 @privacy_app.command("plan")
 def privacy_plan(users: int = typer.Option(...), batch: int = typer.Option(32), rounds: int = typer.Option(...),
-                 local_epochs: int = typer.Option(1), epsilon: float = typer.Option(...),
+                 local_epochs: float = typer.Option(1.0), epsilon: float = typer.Option(...),
                  delta: float = typer.Option(1e-5), accountant: str = Accountant) -> None:
     """The noise multiplier σ a region needs, and whether it is too small for useful DP."""
     from fedrec.privacy.plan import plan_privacy

@@ -17,7 +17,7 @@ from fedrec.config import FedrecConfig
 
 DEMO_SETTINGS = {
     "federation.rounds": 2,
-    "federation.local_epochs": 1,
+    "federation.local_epochs": 0.5,
     "federation.evaluate_every": 2,
     "federation.eval_splits": "val",
     "distill.contexts": 2000,

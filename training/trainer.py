@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,21 +30,25 @@ def make_optimizer(objective: RetrievalObjective, cfg: TrainConfig) -> torch.opt
 
 
 def train_epochs(objective: RetrievalObjective, optimizer: torch.optim.Optimizer,
-                 users: list[UserRecord], cfg: TrainConfig, epochs: int,
+                 users: list[UserRecord], cfg: TrainConfig, epochs: float,
                  rng: np.random.Generator, desc: str = "train",
                  regulariser: Callable[[], torch.Tensor] | None = None) -> list[float]:
-    """Shuffled passes over the users, one example per user per pass; returns each epoch's mean loss.
+    """Shuffled passes over the users, one example per user per pass (a fractional last pass
+    covers that share of the users); returns each pass's mean loss.
 
     `regulariser` adds a data-independent term to every step's loss (FedProx's proximal term)."""
     users = [u for u in users if can_train(u)]
     losses = []
     objective.teacher.train()
-    for epoch in range(epochs):
+    passes = math.ceil(epochs)
+    for epoch in range(passes):
         if epoch == 0 or not cfg.refresh_catalog_every:
             objective.refresh_catalog(cfg.eval_batch_size)
         draws = np.concatenate([rng.permutation(len(users)) for _ in range(cfg.samples_per_user)])
+        share = min(1.0, epochs - epoch)
+        draws = draws[: max(1, round(share * len(draws)))]
         total, count = 0.0, 0
-        label = f"{desc} epoch {epoch + 1}/{epochs}" if epochs > 1 else desc
+        label = f"{desc} epoch {epoch + 1}/{passes}" if passes > 1 else desc
         bar = tqdm(range(0, len(draws), cfg.batch_size), desc=label,
                    leave=False, unit="batch")
         for step, start in enumerate(bar):
