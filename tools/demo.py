@@ -15,13 +15,14 @@ from typing import Callable
 
 from fedrec.config import FedrecConfig
 
-DEMO_SETTINGS = {
+DEMO_SETTINGS = {                  # light: see BENCHMARKS.md for what fuller settings give
     "federation.rounds": 2,
-    "federation.local_epochs": 0.5,
+    "federation.local_epochs": 0.25,
     "federation.evaluate_every": 2,
     "federation.eval_splits": "val",
-    "distill.contexts": 2000,
-    "distill.epochs": 8,
+    "distill.contexts": 1000,
+    "distill.epochs": 2,
+    "distill.candidates": 64,
 }
 
 
