@@ -17,9 +17,8 @@ from fedrec.evaluation.evaluate import evaluate_ranker
 from fedrec.evaluation.rankers import EncoderRanker
 from fedrec.model.teacher import Teacher
 
-BUDGET = {"distill.epochs": 4, "distill.contexts": 4000, "distill.candidates": 64}  # what a shared 2-core machine affords
-SIZES = {"student-128x4": {"distill.hidden": 128, "distill.layers": 4, "distill.heads": 4, "distill.intermediate": 512, **BUDGET},
-         "student-64x2": {"distill.hidden": 64, "distill.layers": 2, "distill.heads": 2, "distill.intermediate": 256, **BUDGET}}
+BUDGET = {"distill.epochs": 3, "distill.contexts": 2000, "distill.candidates": 64}  # what a shared 2-core machine affords
+SIZES = {"student-128x4": {"distill.hidden": 128, "distill.layers": 4, "distill.heads": 4, "distill.intermediate": 512, **BUDGET}}
 
 
 def folder_bytes(path: Path) -> int:
