@@ -58,7 +58,9 @@ def main() -> None:
         out.append("")
     federation, privacy = load("federation"), load("privacy")
     if federation or privacy:
-        out += ["## Federation and privacy (issues 3 and 4: `bench/federation.py`)", ""]
+        out += ["## Federation and privacy (issues 3 and 4: `bench/federation.py`)", "",
+                "Real loopback Flower deployments (TLS, one SuperNode process per region). The federated runs",
+                "are short (the CPU budget of one session): compare them with the central teacher's epochs above.", ""]
         rows = {}
         if foundation:
             rows["central teacher (non-private)"] = foundation["test"]["central teacher"]
@@ -75,7 +77,9 @@ def main() -> None:
         for label, result in (("federated (non-private)", federation and federation["federated"]),
                               *((f"DP {k}", v) for k, v in (privacy or {}).get("runs", {}).items())):
             if result:
-                out.append(f"- {label}: {len(result['round_seconds'])} rounds, seconds per round "
+                cfg = result["config"]
+                out.append(f"- {label}: {len(result['round_seconds'])} rounds of {cfg['federation.local_epochs']:g} "
+                           f"expected local pass(es), batch {cfg['train.batch_size']}, lr {cfg['train.lr']:g}; seconds per round "
                            f"{', '.join(f'{s:.0f}' for s in result['round_seconds'])}; bytes sent per region per round "
                            f"{', '.join(f'{r} {b:,}' for r, b in result['bytes_per_region_per_round'].items())} "
                            f"(teacher {result['teacher_bytes']:,} bytes: "

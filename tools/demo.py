@@ -4,7 +4,8 @@ prepare the regional silos → federated DP training of the teacher over a real 
 deployment (TLS) → full-ranking evaluation against the baselines → distillation into a small
 student → an edge bundle (ONNX FP32 + INT8) → sample recommendations and a search through the
 torch-free runtime → privacy audit of the ledgers and of the bundle's claim.
-The default configuration is light enough for about ten to fifteen minutes on two CPU cores.
+The default configuration is light (it took 22 minutes on two CPU cores shared with another
+job); BENCHMARKS.md shows what fuller settings give.
 """
 
 from __future__ import annotations
