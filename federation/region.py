@@ -104,8 +104,9 @@ def train_round(settings: RegionSettings, config: FedrecConfig, adapters: State,
                             fed.local_epochs, rng, label, regulariser)[-1]
     new_adapters = teacher.adapter_state()
     keep_sent_update(settings, run, server_round, new_adapters, len(users))
-    metrics = {"num_examples": len(users), "train_loss": float(loss),
-               "train_seconds": time.perf_counter() - started}
+    metrics = {"num_examples": len(users), "train_seconds": time.perf_counter() - started}
+    if not budget.enabled:          # under DP the loss on sampled users is private: it stays here
+        metrics["train_loss"] = float(loss)
     return RoundResult("trained", new_adapters, metrics, info)
 
 
