@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +34,9 @@ class Catalog:
     def __len__(self) -> int:
         return len(self.item_ids)
 
-    @property
+    @cached_property
     def index(self) -> dict[str, int]:
+        """item id → row; built once (callers look items up in loops)."""
         return {item_id: i for i, item_id in enumerate(self.item_ids)}
 
     def text(self, item: int) -> str:

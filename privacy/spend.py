@@ -17,6 +17,11 @@ from fedrec.privacy.dp_sgd import DPPlan, round_shape
 from fedrec.privacy.ledger import LEDGER_FILE, Ledger, LedgerEntry
 
 
+def segments(entries: list[LedgerEntry]) -> list[tuple[float, float, int]]:
+    """The (σ, q, steps) history an accountant composes, read from ledger entries."""
+    return [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries]
+
+
 @dataclass(frozen=True)
 class SpendDecision:
     allowed: bool
@@ -33,18 +38,15 @@ class RegionPrivacy:
         self.region, self.budget = region, budget
         self.ledger = Ledger(Path(state_dir) / LEDGER_FILE)
 
-    def history(self) -> list[tuple[float, float, int]]:
-        return [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.ledger.entries()]
-
     def spent(self) -> float:
-        return opacus_epsilon(self.history(), self.budget.delta, self.budget.accountant)
+        return opacus_epsilon(segments(self.ledger.entries()), self.budget.delta, self.budget.accountant)
 
     def plan_round(self, users: int, batch_size: int, local_epochs: float, planned_rounds: int) -> SpendDecision:
         """σ is fixed once for the whole run (given, or derived from the budget for the planned
         rounds at the first spend) and then read back from the ledger."""
         self.budget.validate(users)
         entries = self.ledger.entries()
-        history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries]
+        history = segments(entries)
         spent = opacus_epsilon(history, self.budget.delta, self.budget.accountant)
         sample_rate, steps = round_shape(users, batch_size, local_epochs)
         if self.budget.noise_multiplier > 0:
