@@ -1,15 +1,17 @@
 """Issue 5 benchmark: students of two sizes distilled from the trained teacher, evaluated on
 every Online Retail test user next to it (retention = student ÷ teacher), with sizes and time.
 
-    python bench/distillation.py [TEACHER_CHECKPOINT]   (default: the central teacher of bench/foundation.py)
+    python bench/distillation.py [TEACHER_CHECKPOINT [SIZE ...]]
+    (default: the central teacher of bench/foundation.py, every size below)
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
-from common import WORK, save, silos_dir
+from common import RESULTS, WORK, save, silos_dir
 from fedrec.config import FedrecConfig
 from fedrec.data.silo import load_dataset
 from fedrec.distill.distill import distill
@@ -17,23 +19,29 @@ from fedrec.evaluation.evaluate import evaluate_ranker
 from fedrec.evaluation.rankers import EncoderRanker
 from fedrec.model.teacher import Teacher
 
-BUDGET = {"distill.epochs": 3, "distill.contexts": 2000, "distill.candidates": 64}  # what a shared 2-core machine affords
-SIZES = {"student-128x4": {"distill.hidden": 128, "distill.layers": 4, "distill.heads": 4, "distill.intermediate": 512, **BUDGET}}
+BUDGET = {"distill.epochs": 20, "distill.patience": 20}   # the defaults, without early stopping: 22–37 min on 2 cores
+SIZES = {f"student-{hidden}x{layers}": {"distill.hidden": hidden, "distill.layers": layers, "distill.heads": hidden // 32,
+                                        "distill.intermediate": 4 * hidden, **BUDGET}
+         for hidden, layers in ((128, 4), (128, 2))}
 
 
 def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def main(teacher_dir: str = str(WORK / "checkpoints" / "central-teacher")) -> None:
+def main(teacher_dir: str = str(WORK / "checkpoints" / "central-teacher"), *sizes: str) -> None:
     silos = load_dataset(silos_dir())
     catalog = silos["uk"].catalog
     teacher = Teacher.load(teacher_dir)
     teacher_test = evaluate_ranker(EncoderRanker(teacher, catalog, teacher.config.context_items), silos)
     teacher_params = teacher.parameter_counts()["total"]
+    earlier = json.loads((RESULTS / "distillation.json").read_text()) if (RESULTS / "distillation.json").exists() else {}
+    kept = earlier.get("students", {}) if earlier.get("teacher", {}).get("checkpoint") == teacher_dir else {}
     results = {"teacher": {"checkpoint": teacher_dir, "parameters": teacher_params,
-                           "bytes_fp32": teacher_params * 4, "test": teacher_test}, "students": {}}
-    for name, overrides in SIZES.items():
+                           "bytes_fp32": teacher_params * 4, "test": teacher_test},
+               "students": {name: s for name, s in kept.items() if name in SIZES}}   # sizes not rerun stay
+    for name in sizes or SIZES:
+        overrides = SIZES[name]
         config = FedrecConfig.from_flat(overrides)
         out = WORK / "students" / name
         student, result = distill(teacher, teacher_dir, catalog, config, out)

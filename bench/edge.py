@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 import subprocess
 import sys
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from fedrec.edge_runtime.runtime import Index
 from fedrec.export.bundle import export_bundle
 from fedrec.federation.deployment import free_port
 from fedrec.model.teacher import Teacher
+from fedrec.tools.loadtest import mixed_calls, run_load
 
 
 def percentiles(seconds: list[float]) -> dict:
@@ -63,48 +64,28 @@ def student_flops(manifest: dict, tokens: int) -> float:
     return layers * per_layer + 2 * tokens * h * m["dim"]
 
 
-def http_load(bundle: Path, queries: list[str], requests: int = 1500, clients: int = 4) -> dict:
+def http_load(bundle: Path, item_ids: list[str], queries: list[str], requests: int = 6000, clients: int = 8) -> dict:
+    """`fedrec serve` in its own process under a mixed load from this one (issue 7's load check)."""
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "fedrec.tools", "serve", str(bundle), "--port", str(port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(100):
+        for _ in range(300):
             try:
                 urllib.request.urlopen(base + "/health", timeout=1)
                 break
             except OSError:
                 time.sleep(0.2)
-        rss_before = _rss(server.pid)
-
-        def one(i):
-            body = json.dumps({"query": queries[i % len(queries)], "k": 10}).encode()
-            request = urllib.request.Request(base + "/search", data=body, headers={"Content-Type": "application/json"})
-            started = time.perf_counter()
-            try:
-                with urllib.request.urlopen(request, timeout=30) as response:
-                    ok = response.status == 200
-            except OSError:
-                ok = False
-            return ok, time.perf_counter() - started
-
-        started = time.perf_counter()
-        with ThreadPoolExecutor(clients) as pool:
-            results = list(pool.map(one, range(requests)))
-        wall = time.perf_counter() - started
-        return {"requests": requests, "clients": clients, "errors": sum(not ok for ok, _ in results),
-                "requests_per_second": requests / wall, **percentiles([s for _, s in results]),
-                "server_rss_mb_before": rss_before, "server_rss_mb_after": _rss(server.pid)}
+        calls = mixed_calls(item_ids, queries, requests)
+        run_load(base, calls[:200], clients)                                    # warm-up
+        report = run_load(base, calls, clients, server_pid=server.pid)
+        rss = report.rss_mb
+        return {**{k: v for k, v in asdict(report).items() if k != "rss_mb"},
+                "rss_mb_first": rss[0], "rss_mb_max": max(rss), "rss_mb_last": rss[-1], "rss_samples": len(rss)}
     finally:
         server.terminate()
         server.wait(10)
-
-
-def _rss(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def main(teacher_dir: str, student_dir: str) -> None:
@@ -153,7 +134,7 @@ def main(teacher_dir: str, student_dir: str) -> None:
                                "peak_gflops_one_thread": peak, "floor_ms": floor_ms,
                                "int8_p50_over_floor": latency["student ORT int8"]["p50_ms"] / floor_ms},
         "bundle_bytes": sizes, "top10_exact_search_2_threads": topk,
-        "http_student_int8": http_load(bundles["student"], queries),
+        "http_student_int8": http_load(bundles["student"], catalog.item_ids, queries),
         "cpu_count": os.cpu_count(),
     })
 

@@ -98,11 +98,16 @@ def main() -> None:
         out += ["## Distillation (issue 5: `bench/distillation.py`)", "", machine_line(distillation), ""]
         out += metric_table({"teacher": teacher["test"],
                              **{name: s["test"] for name, s in distillation["students"].items()}})
-        out += ["", "| student | parameters | ÷ teacher | checkpoint bytes | vocabulary | NDCG@10 retention (overall) | distill seconds |",
-                "|---|---|---|---|---|---|---|"]
+        out += ["", "| student | parameters | ÷ teacher | checkpoint bytes | vocabulary | epochs (best) | "
+                    "val context cosine | val top-10 overlap | NDCG@10 retention uk / eu / row / overall | "
+                    "Recall@10 retention overall | distill seconds |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, s in distillation["students"].items():
-            out.append(f"| {name} | {s['parameters']:,} | {s['parameter_ratio']:.3f} | {s['checkpoint_bytes']:,} | "
-                       f"{s['vocabulary']:,} | {s['retention']['overall']['ndcg@10']:.3f} | {s['distill_seconds']:.0f} |")
+            retention = " / ".join(f"{s['retention'][r]['ndcg@10']:.3f}" for r in REGIONS)
+            out.append(f"| {name} | {s['parameters']:,} | 1/{1 / s['parameter_ratio']:.1f} | {s['checkpoint_bytes']:,} | "
+                       f"{s['vocabulary']:,} | {s['config'].get('distill.epochs', '—')} ({s['best_epoch']}) | "
+                       f"{s['validation']['context_cosine']:.3f} | {s['validation']['top10_overlap']:.3f} | {retention} | "
+                       f"{s['retention']['overall']['recall@10']:.3f} | {s['distill_seconds']:.0f} |")
         out.append(f"\nTeacher: {teacher['parameters']:,} parameters ({teacher['bytes_fp32']:,} bytes as float32).\n")
     edge = load("edge")
     if edge:
@@ -117,10 +122,12 @@ def main() -> None:
                 "| exact top-10, 2 threads | p50 ms | p99 ms |", "|---|---|---|"]
         out += [f"| {int(n):,} items | {v['p50_ms']:.1f} | {v['p99_ms']:.1f} |" for n, v in edge["top10_exact_search_2_threads"].items()]
         http = edge["http_student_int8"]
-        out += ["", f"HTTP `/search` (student INT8, {http['clients']} client threads in a separate process, "
-                    f"{http['requests']} requests): {http['requests_per_second']:.0f} requests/s, p50 {http['p50_ms']:.1f} ms, "
-                    f"p99 {http['p99_ms']:.1f} ms, {http['errors']} errors; server RSS {http['server_rss_mb_before']:.0f} → "
-                    f"{http['server_rss_mb_after']:.0f} MB.", "",
+        out += ["", f"`fedrec serve` over HTTP (student INT8; {http['requests']:,} requests, a third each of "
+                    f"/recommend, /search and /similar, from {http['clients']} client threads in a separate process): "
+                    f"{http['requests_per_second']:.0f} requests/s, p50 {http['p50_ms']:.1f} ms, p99 {http['p99_ms']:.1f} ms, "
+                    f"{http['errors']} errors. Server RSS over the run ({http['rss_samples']} samples): first "
+                    f"{http['rss_mb_first']:.1f} MB, max {http['rss_mb_max']:.1f} MB, last {http['rss_mb_last']:.1f} MB "
+                    f"(median growth first → last third {http['rss_growth_mb']:+.2f} MB).", "",
                 "| bundle | " + " | ".join(next(iter(edge["bundle_bytes"].values()))) + " |",
                 "|---|" + "---|" * len(next(iter(edge["bundle_bytes"].values())))]
         out += [f"| {name} | " + " | ".join(f"{b:,}" for b in sizes.values()) + " |" for name, sizes in edge["bundle_bytes"].items()]

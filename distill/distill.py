@@ -30,14 +30,37 @@ from fedrec.training.early_stopping import EarlyStopping
 PUBLIC_INPUTS = "public only: catalog item texts, synthetic contexts of catalog items, title fragments as queries"
 
 
-def synthetic_contexts(catalog: Catalog, count: int, max_items: int, rng: np.random.Generator) -> list[str]:
-    """User-like contexts from public data: 1..max_items random catalog items, sometimes a query."""
+def synthetic_contexts(catalog: Catalog, count: int, max_items: int, rng: np.random.Generator,
+                       neighbours: np.ndarray | None = None) -> list[str]:
+    """User-like contexts from public data: 1..max_items catalog items, sometimes a query.
+
+    With `neighbours` (each item's nearest catalog items under the teacher), half the contexts
+    are coherent, a seed item and its neighbours, as real shoppers' histories tend to be; the
+    rest are random items. Both are functions of the catalog and the teacher only.
+    """
     out = []
     for _ in range(count):
-        items = rng.choice(len(catalog), size=int(rng.integers(1, max_items + 1)), replace=False)
+        size = int(rng.integers(1, max_items + 1))
+        if neighbours is not None and rng.random() < 0.5:
+            seed = int(rng.integers(len(catalog)))
+            items = [seed, *rng.choice(neighbours[seed], size=min(size - 1, neighbours.shape[1]), replace=False)]
+        else:
+            items = rng.choice(len(catalog), size=size, replace=False)
         query = title_fragment(catalog.titles[int(rng.integers(len(catalog)))], rng) if rng.random() < 0.2 else ""
         out.append(context_text([catalog.titles[i] for i in items], query, max_items))
     return out
+
+
+def nearest_items(embeddings: torch.Tensor, queries: torch.Tensor, k: int, exclude_self: bool = False,
+                  chunk: int = 1024) -> np.ndarray:
+    """Indices of the k most similar catalog items for each query row, by chunked dot product."""
+    out = []
+    for start in range(0, len(queries), chunk):
+        scores = queries[start:start + chunk] @ embeddings.T
+        if exclude_self:
+            scores[torch.arange(len(scores)), torch.arange(start, start + len(scores))] = -torch.inf
+        out.append(scores.topk(k).indices.cpu().numpy())
+    return np.concatenate(out)
 
 
 def title_fragment(title: str, rng: np.random.Generator) -> str:
@@ -49,6 +72,24 @@ def title_fragment(title: str, rng: np.random.Generator) -> str:
 
 def query_texts(catalog: Catalog, per_item: int, rng: np.random.Generator) -> list[str]:
     return [context_text([], title_fragment(title, rng)) for title in catalog.titles for _ in range(per_item)]
+
+
+def batch_candidates(hard: np.ndarray, n_items: int, n_random: int, rng: np.random.Generator) -> np.ndarray:
+    """The batch's teacher top items (where the ranking is decided) plus random catalog items."""
+    random = rng.choice(n_items, size=min(n_random, n_items), replace=False)
+    return np.unique(np.concatenate([hard.ravel(), random]))
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup: float = 0.05):
+    """Linear warm-up over the first 5 % of steps, then cosine decay to zero."""
+    warmup_steps = max(1, int(warmup * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return 0.5 * (1 + np.cos(np.pi * min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 @dataclass
@@ -79,7 +120,10 @@ def distill(teacher: Teacher, teacher_checkpoint: str | Path, catalog: Catalog, 
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     items = catalog.texts()
-    contexts = synthetic_contexts(catalog, cfg.contexts, model_cfg.context_items, rng)
+    log(f"teacher embeddings of {len(items):,} catalog items")
+    target_items = teacher.encode_items(catalog)
+    neighbours = nearest_items(target_items, target_items, cfg.neighbours, exclude_self=True)
+    contexts = synthetic_contexts(catalog, cfg.contexts, model_cfg.context_items, rng, neighbours)
     contexts += query_texts(catalog, cfg.queries_per_item, rng)
     held_out = max(200, len(contexts) // 20)
     train_contexts, val_contexts = contexts[held_out:], contexts[:held_out]
@@ -94,12 +138,13 @@ def distill(teacher: Teacher, teacher_checkpoint: str | Path, catalog: Catalog, 
     log(f"student: {student.parameter_count():,} parameters (teacher {teacher.parameter_counts()['total']:,}), "
         f"vocabulary {len(kept):,} of {embeddings.shape[0]:,} tokens")
 
-    log(f"teacher targets for {len(items):,} items and {len(contexts):,} public contexts")
-    target_items = teacher.encode_items(catalog)
+    log(f"teacher targets for {len(contexts):,} public contexts")
     target_contexts = teacher.encode(train_contexts, model_cfg.max_context_tokens)
     val_targets = teacher.encode(val_contexts, model_cfg.max_context_tokens)
+    teacher_top = nearest_items(target_items, target_contexts, max(cfg.hard_candidates, 1))
 
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr)
+    schedule = warmup_cosine(optimizer, cfg.epochs * -(-len(train_contexts) // cfg.batch_size))
     result, stopper = DistillResult(0, {}), EarlyStopping(cfg.patience)
     for epoch in range(1, cfg.epochs + 1):
         student.train()
@@ -107,8 +152,8 @@ def distill(teacher: Teacher, teacher_checkpoint: str | Path, catalog: Catalog, 
         losses = []
         for start in tqdm(range(0, len(order), cfg.batch_size), desc=f"distill epoch {epoch}", leave=False):
             batch = order[start:start + cfg.batch_size]
-            candidates = torch.as_tensor(rng.choice(len(catalog), size=min(cfg.candidates, len(catalog)),
-                                                    replace=False), device=student.device)
+            candidates = torch.as_tensor(batch_candidates(teacher_top[batch, :cfg.hard_candidates], len(catalog),
+                                                          cfg.candidates, rng), device=student.device)
             ctx = student(**student.tokenize([train_contexts[i] for i in batch], model_cfg.max_context_tokens))
             cand = student(**student.tokenize([items[i] for i in candidates.tolist()], model_cfg.max_item_tokens))
             teacher_ctx, teacher_cand = target_contexts[torch.as_tensor(batch)], target_items[candidates]
@@ -120,6 +165,7 @@ def distill(teacher: Teacher, teacher_checkpoint: str | Path, catalog: Catalog, 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            schedule.step()
             losses.append(loss.item())
         validation = agreement(student, val_targets, target_items, val_contexts, catalog)
         result.history.append({"epoch": epoch, "loss": float(np.mean(losses)), **validation})

@@ -6,6 +6,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedrec.config import FedrecConfig
+from fedrec.faults import freeze_point
 from fedrec.federation.coordinator import from_record, to_record
 from fedrec.federation.region import RegionSettings, evaluate_round, train_round
 
@@ -23,6 +24,7 @@ def train(msg: Message, context: Context) -> Message:
                           "info": ConfigRecord({**result.info, "status": result.status})})
     if result.adapters is not None:
         content["arrays"] = to_record(result.adapters)
+    freeze_point("while-sending", f"{settings.region} round {round_config['round']}")
     return Message(content, reply_to=msg)
 
 

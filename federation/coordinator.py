@@ -54,6 +54,7 @@ class Coordinator:
     def __init__(self, grid: Grid, config: FedrecConfig, run_name: str):
         self.grid, self.config, self.run_name = grid, config, run_name
         self.region_of: dict[int, str] = {}          # node id → region, learnt from replies
+        self.node_of: dict[str, int] = {}            # region → its newest node; older ones are superseded
 
     def name(self, node: int) -> str:
         return self.region_of.get(node, f"node {node}")
@@ -65,7 +66,9 @@ class Coordinator:
             nodes = sorted(self.grid.get_node_ids())
             if len(nodes) >= fed.min_regions:
                 self.identify([n for n in nodes if n not in self.region_of])
-                return nodes
+                nodes = [n for n in nodes if self.node_of.get(self.region_of.get(n)) in (n, None)]
+                if len(nodes) >= fed.min_regions:
+                    return nodes
             if time.monotonic() > deadline:
                 raise FedrecError(f"only {len(nodes)} region(s) connected after {fed.wait_for_regions:.0f}s; "
                                   f"need {fed.min_regions}",
@@ -73,9 +76,18 @@ class Coordinator:
             time.sleep(1.0)
 
     def identify(self, nodes: list[int]) -> None:
-        """Ask newly connected nodes which region they serve, so logs can name them."""
-        if nodes:
-            self.exchange(nodes, "query", None, {}, 0)
+        """Ask newly connected nodes which region they serve, so logs can name them.
+
+        A region restarted by its operator comes back as a new node while the SuperLink may still
+        list the old one for a heartbeat period: the newest node speaks for the region, so no
+        round waits on a dead node or takes two updates from one region.
+        """
+        replies, _ = self.exchange(nodes, "query", None, {}, 0) if nodes else ({}, {})
+        for node in replies:
+            region = self.region_of[node]
+            if self.node_of.get(region, node) != node:
+                log(f"region {region} reconnected as node {node}; node {self.node_of[region]} is superseded")
+            self.node_of[region] = node
 
     def exchange(self, nodes: list[int], kind: str, adapters: State | None, config: dict,
                  server_round: int) -> tuple[dict[int, Message], dict[int, str]]:

@@ -100,13 +100,13 @@ def _tail(text: str, lines: int = 15) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def spawn(name: str, args: list[str], log_dir: Path, home: Path) -> Process:
+def spawn(name: str, args: list[str], log_dir: Path, home: Path, env: dict[str, str] | None = None) -> Process:
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"{name}.log"
     with open(log, "ab") as handle:
         offset = handle.tell()
         popen = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 env=flower_env(home), start_new_session=True)
+                                 env={**flower_env(home), **(env or {})}, start_new_session=True)
     return Process(name, popen, log, offset)
 
 
@@ -142,14 +142,14 @@ def node_config_arg(values: dict) -> str:
 
 def start_supernode(name: str, superlink: str, node_config: dict, state_dir: Path,
                     root_cert: Path | None, auth_key: Path | None = None, port: int | None = None,
-                    wait: bool = True, timeout: float = 90.0) -> Process:
+                    wait: bool = True, timeout: float = 90.0, env: dict[str, str] | None = None) -> Process:
     """A region's SuperNode; its node config (region, data, budget) is set here, on the region's side."""
     args = [str(BIN / "flower-supernode"), "--superlink", superlink, "--host", "127.0.0.1",
             "--port", str(port or free_port()), "--node-config", node_config_arg(node_config)]
     args += ["--root-certificates", str(root_cert)] if root_cert else ["--insecure"]
     if auth_key:
         args += ["--auth-supernode-private-key", str(auth_key)]
-    process = spawn(name, args, state_dir / "logs", state_dir / "flwr-home")
+    process = spawn(name, args, state_dir / "logs", state_dir / "flwr-home", env)
     if wait:
         process.wait_for("SuperNode ID:", timeout)
     return process
@@ -231,6 +231,12 @@ class Control:
         thread.start()
         thread.join(timeout)
         return "".join(out)
+
+    def nodes(self) -> dict[int, str]:
+        """Every node the SuperLink knows, by id, with its status ("registered", "online", …)."""
+        from flwr.proto.control_pb2 import ListNodesRequest
+
+        return {n.node_id: n.status for n in self.client().ListNodes(ListNodesRequest()).nodes_info}
 
     def register_node(self, public_key: Path, name: str | None = None) -> int:
         from cryptography.hazmat.primitives import serialization

@@ -3,6 +3,7 @@ its operator opted out), record the spend, evaluate on its own users, keep a cop
 
 from __future__ import annotations
 
+import secrets
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from fedrec.atomic import atomic_file
 from fedrec.config import FedrecConfig
 from fedrec.data.silo import Silo, load_silo
 from fedrec.errors import FedrecError
+from fedrec.faults import freeze_point
 from fedrec.evaluation.evaluate import evaluate_ranker
 from fedrec.evaluation.rankers import EncoderRanker
 from fedrec.model.teacher import Teacher, pick_device
@@ -74,38 +76,50 @@ def proximal_term(teacher: Teacher, anchor: State, mu: float):
 def train_round(settings: RegionSettings, config: FedrecConfig, adapters: State,
                 server_round: int, run: str) -> RoundResult:
     """One local round; under DP the ledger entry is fsync'd before this returns the update."""
+    if not settings.budget.enabled:
+        return _train_round(settings, config, adapters, server_round, run, None)
+    privacy = RegionPrivacy(settings.region, settings.budget, settings.state_dir)
+    with privacy.ledger.lock():     # a second round arriving meanwhile waits: no two plans on one history
+        return _train_round(settings, config, adapters, server_round, run, privacy)
+
+
+def _train_round(settings: RegionSettings, config: FedrecConfig, adapters: State, server_round: int,
+                 run: str, privacy: RegionPrivacy | None) -> RoundResult:
     started = time.perf_counter()
     silo = settings.silo()
     users = [u for u in silo.users if can_train(u)]
-    seed = config.train.seed + 1000 * server_round + zlib.crc32(settings.region.encode())
+    fed, budget = config.federation, settings.budget
+    # Under DP, user sampling must be secret and fresh in every release: never a seed a rerun repeats.
+    seed = secrets.randbits(63) if privacy else \
+        config.train.seed + 1000 * server_round + zlib.crc32(settings.region.encode())
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    fed, budget = config.federation, settings.budget
     info: dict = {"region": settings.region, "dp": budget.enabled}
-    if budget.enabled:
-        privacy = RegionPrivacy(settings.region, budget, settings.state_dir)
+    if privacy:
         decision = privacy.plan_round(len(users), config.train.batch_size, fed.local_epochs, fed.rounds)
         info.update(epsilon=decision.spent_epsilon, delta=budget.delta, accountant=budget.accountant,
                     budget_epsilon=budget.epsilon, ledger_head=privacy.ledger.head())
         if not decision.allowed:
             return RoundResult("declined", None, {"num_examples": 0}, {**info, "reason": decision.reason})
 
+    label = f"{settings.region} round {server_round}"
+    freeze_point("before-training", label)
     teacher = build_teacher(config, adapters)
     objective = RetrievalObjective(teacher, silo.catalog)
     regulariser = proximal_term(teacher, adapters, fed.proximal_mu) if fed.strategy == "fedprox" else None
-    label = f"{settings.region} round {server_round}"
-    if budget.enabled:
+    if privacy:
         loss = train_private(objective, users, config.train, decision.plan, rng, label, regulariser)
         entry = privacy.record(decision, run, server_round)
         info.update(epsilon=entry.epsilon, ledger_head=privacy.ledger.head(),
                     noise_multiplier=decision.plan.noise_multiplier)
+        freeze_point("after-ledger", label)
     else:
         loss = train_epochs(objective, make_optimizer(objective, config.train), users, config.train,
                             fed.local_epochs, rng, label, regulariser)[-1]
     new_adapters = teacher.adapter_state()
     keep_sent_update(settings, run, server_round, new_adapters, len(users))
     metrics = {"num_examples": len(users), "train_seconds": time.perf_counter() - started}
-    if not budget.enabled:          # under DP the loss on sampled users is private: it stays here
+    if not privacy:                 # under DP the loss on sampled users is private: it stays here
         metrics["train_loss"] = float(loss)
     return RoundResult("trained", new_adapters, metrics, info)
 

@@ -10,6 +10,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from fedrec.errors import FedrecError
+
+
+def write_failed(path: Path, exc: OSError) -> FedrecError:
+    """The error a user sees when the disk is full or the folder is read-only."""
+    return FedrecError(f"cannot write {path}: {exc.strerror or exc}",
+                       hint="Free disk space or make the folder writable, then run again; "
+                            "what was there before is intact.")
+
 
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -23,8 +32,11 @@ def fsync_dir(path: Path) -> None:
 def atomic_file(path: str | Path, mode: str = "w") -> Iterator[Any]:
     """Open a temporary sibling of `path`; on success fsync it and rename it over `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise write_failed(path, exc) from exc
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
@@ -32,8 +44,10 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[Any]:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise write_failed(path, exc) from exc
         raise
 
 
@@ -50,8 +64,11 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     An existing directory at `path` is kept until the new one is whole, then replaced.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as exc:
+        raise write_failed(path, exc) from exc
     try:
         yield tmp
         old = None
@@ -62,6 +79,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         fsync_dir(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise write_failed(path, exc) from exc
         raise

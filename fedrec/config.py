@@ -80,10 +80,12 @@ class DistillConfig:
     vocab_reserve: int = 1000              # extra common whole words kept beyond the catalog's
     contexts: int = 6000                   # synthetic user contexts built from catalog items
     queries_per_item: int = 1              # title fragments used as search queries
-    epochs: int = 10
+    epochs: int = 20
     batch_size: int = 64
     lr: float = 2e-3
-    candidates: int = 128                  # catalog items per batch for the listwise loss
+    candidates: int = 64                   # random catalog items per batch for the listwise loss
+    hard_candidates: int = 3               # plus each context's top items under the teacher
+    neighbours: int = 32                   # coherent contexts draw from a seed item's nearest items
     kl_weight: float = 1.0
     kl_temperature: float = 0.05
     patience: int = 3

@@ -9,6 +9,7 @@ the encoder runs twice per example (context, target) and Opacus sums both per us
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import dataclass
 from typing import Callable
 
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 from fedrec.config import TrainConfig
 from fedrec.data.silo import UserRecord
 from fedrec.errors import FedrecError
+from fedrec.faults import freeze_point
 from fedrec.training.objective import RetrievalObjective, sample_example
 from fedrec.training.trainer import make_optimizer
 
@@ -44,11 +46,17 @@ def round_shape(users: int, batch_size: int, local_epochs: float) -> tuple[float
     return sample_rate, max(1, round(local_epochs * math.ceil(1 / sample_rate)))
 
 
+def fresh_generator(device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
+
+
 def train_private(objective: RetrievalObjective, users: list[UserRecord], cfg: TrainConfig,
                   plan: DPPlan, rng: np.random.Generator, desc: str = "dp-sgd",
                   regulariser: Callable[[], torch.Tensor] | None = None) -> float:
     """Runs `plan.steps` DP-SGD steps and returns the mean loss of the sampled examples.
 
+    The noise comes from fresh OS entropy, never from `rng` or torch's global seed: two releases
+    with the same seed would share their noise, and the accountant assumes they do not.
     `regulariser` (FedProx) is data-independent, so its gradient is added after the noise.
     """
     if len(users) != plan.users:
@@ -57,7 +65,8 @@ def train_private(objective: RetrievalObjective, users: list[UserRecord], cfg: T
     model = GradSampleModule(objective, loss_reduction="mean")
     optimizer = DPOptimizer(make_optimizer(objective, cfg), noise_multiplier=plan.noise_multiplier,
                             max_grad_norm=plan.max_grad_norm,
-                            expected_batch_size=plan.sample_rate * plan.users)
+                            expected_batch_size=plan.sample_rate * plan.users,
+                            generator=fresh_generator(params[0].device if params else "cpu"))
     if len(optimizer.params) != len(params) or not params:
         raise FedrecError("the DP optimizer does not hold the adapters: nothing would train")
     objective.teacher.train()
@@ -65,6 +74,8 @@ def train_private(objective: RetrievalObjective, users: list[UserRecord], cfg: T
     try:
         bar = tqdm(range(plan.steps), desc=desc, leave=False, unit="step")
         for step in bar:
+            if step == plan.steps // 2:
+                freeze_point("mid-training", desc)
             if step == 0 or (cfg.refresh_catalog_every and step % cfg.refresh_catalog_every == 0):
                 objective.refresh_catalog(cfg.eval_batch_size)
             chosen = np.flatnonzero(rng.random(plan.users) < plan.sample_rate)

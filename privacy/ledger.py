@@ -7,14 +7,18 @@ verifies. An entry is fsync'd before the update it accounts for may leave the re
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import fedrec
-from fedrec.atomic import fsync_dir
+from fedrec.atomic import fsync_dir, write_failed
 from fedrec.errors import FedrecError
 
 GENESIS = "0" * 64
@@ -84,16 +88,41 @@ class Ledger:
         lines = self.path.read_text().splitlines() if self.path.exists() else []
         return line_hash(lines[-1]) if lines else GENESIS
 
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Exclusive across processes: one spend at a time sees and extends the same history."""
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(lock_path, "a")
+        except OSError as exc:
+            raise write_failed(lock_path, exc) from exc
+        with handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     def append(self, **fields) -> LedgerEntry:
         """Verify, append one entry, and fsync file and folder before returning."""
         entries = self.entries()
         entry = LedgerEntry(index=len(entries) + 1, fedrec_version=fedrec.__version__,
                             prev_sha256=self.head(), **fields)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        line = (entry.line() + "\n").encode()
         try:
-            os.write(fd, (entry.line() + "\n").encode())
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise write_failed(self.path, exc) from exc
+        size = os.fstat(fd).st_size
+        try:
+            if os.write(fd, line) != len(line):
+                raise OSError(errno.ENOSPC, "short write (disk full?)")
             os.fsync(fd)
+        except OSError as exc:
+            os.ftruncate(fd, size)        # never leave half an entry: the chain stays verifiable
+            raise write_failed(self.path, exc) from exc
         finally:
             os.close(fd)
         fsync_dir(self.path.parent)

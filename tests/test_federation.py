@@ -6,16 +6,14 @@ import json
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from deployments import REGIONS, Deployment, rounds_done, tiny_config, wait_until
 
-from fedrec.config import FedrecConfig
 from fedrec.data.silo import load_silo
 from fedrec.federation.certs import create_dev_pki, create_node_key
-from fedrec.federation.deployment import Control, free_port, start_superlink, start_supernode
+from fedrec.federation.deployment import start_supernode
 from fedrec.federation.launch import RegionNode, run_config, simulate
 from fedrec.federation.region import sent_update_path
 from fedrec.federation.run_folder import RunFolder
@@ -24,31 +22,6 @@ from fedrec.privacy.budget import RegionBudget
 from fedrec.privacy.dp_sgd import round_shape
 from fedrec.privacy.ledger import Ledger
 from fedrec.training.objective import can_train
-
-REGIONS = ["eu", "row", "uk"]
-
-
-def tiny_config(tiny_encoder, **federation) -> FedrecConfig:
-    values = {"model.encoder": str(tiny_encoder), "train.batch_size": 8, "federation.eval_splits": "val",
-              "federation.wait_for_regions": 120.0, "federation.round_timeout": 300.0}
-    values.update({f"federation.{k}": v for k, v in federation.items()})
-    return FedrecConfig.from_flat(values)
-
-
-def wait_until(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def rounds_done(run_dir: Path) -> list[int]:
-    path = run_dir / "metrics.json"
-    return [r["round"] for r in json.loads(path.read_text())] if path.exists() else []
-
 
 def test_two_rounds_three_regions_with_dp_decline_average_and_audit(tiny_encoder, prepared, tmp_path):
     run_dir = tmp_path / "run"
@@ -104,35 +77,6 @@ def test_two_rounds_three_regions_with_dp_decline_average_and_audit(tiny_encoder
     assert audit.returncode == 1 and "not in its ledger" in audit.stdout
 
 
-class Deployment:
-    """A SuperLink and region SuperNodes started by hand, as separate operators would."""
-
-    def __init__(self, root: Path, prepared: Path, tls: bool = False):
-        self.root, self.prepared = root, prepared
-        self.pki = create_dev_pki(root / "certs") if tls else None
-        self.address = f"127.0.0.1:{free_port()}"
-        self.superlink = None
-        self.nodes = {}
-
-    def start_superlink(self, auth: bool = False):
-        self.superlink = start_superlink(self.address, self.root / "superlink", self.pki, auth)
-        return self.superlink
-
-    def start_region(self, region: str, wait: bool = True, auth_key: Path | None = None):
-        node = RegionNode(region, self.prepared / region, self.root / "regions" / region, RegionBudget(enabled=False))
-        self.nodes[region] = start_supernode(f"supernode-{region}", self.address, node.node_config(),
-                                             node.state_dir, self.pki.ca if self.pki else None, auth_key, wait=wait)
-        return self.nodes[region]
-
-    def control(self) -> Control:
-        return Control(self.address, self.pki.ca if self.pki else None)
-
-    def stop(self):
-        for process in [*self.nodes.values(), self.superlink]:
-            if process is not None:
-                process.stop()
-
-
 @pytest.fixture
 def deployment(tmp_path, prepared):
     deployment = Deployment(tmp_path, prepared)
@@ -150,28 +94,13 @@ def start_run(deployment, tiny_encoder, run_dir, min_regions):
     return config, control, control.submit(run_config(config, run_dir, resume=False))
 
 
-def test_region_killed_mid_round_is_dropped_and_rejoins(tiny_encoder, deployment, tmp_path):
-    run_dir = tmp_path / "run"
-    _, control, run_id = start_run(deployment, tiny_encoder, run_dir, min_regions=2)
-    row = deployment.nodes["row"]
-    wait_until(lambda: row.text().count("Receiving: train message") >= 2, 240, "round 2 to reach row")
-    row.kill()
-    deployment.start_region("row")          # the region's operator restarts it
-    wait_until(lambda: control.status(run_id)[0] == "finished", 400, "the run to finish")
-    assert control.status(run_id)[1] == "completed", control.logs(run_id)
-    history = json.loads((run_dir / "metrics.json").read_text())
-    assert [r["round"] for r in history] == [1, 2, 3]
-    assert sorted(history[0]["regions"]) == REGIONS
-    assert "row" in history[1]["dropped"] and sorted(history[1]["regions"]) == ["eu", "uk"]
-    assert "region row dropped" in control.logs(run_id)
-    assert sorted(history[2]["regions"]) == REGIONS, "row rejoined"
-
-
-def test_server_killed_and_resumed_continues_at_next_round(tiny_encoder, deployment, tmp_path):
+def test_server_killed_mid_round_resumes_without_repeating_or_double_applying(tiny_encoder, deployment, tmp_path):
     run_dir = tmp_path / "run"
     config, control, _ = start_run(deployment, tiny_encoder, run_dir, min_regions=3)
-    wait_until(lambda: rounds_done(run_dir) == [1], 300, "round 1")
-    deployment.superlink.stop(sig=signal.SIGKILL)      # the coordinator dies mid-run
+    wait_until(lambda: rounds_done(run_dir) == [1] and all(
+        node.text().count("Receiving: train message") >= 2 for node in deployment.nodes.values()),
+        300, "round 2 to reach every region")
+    deployment.superlink.stop(sig=signal.SIGKILL)      # the coordinator dies with round 2 in flight
     control.close()
     first = RunFolder(run_dir).load_round(1)[0]
     with pytest.raises(Exception, match="already holds a run"):
@@ -183,21 +112,45 @@ def test_server_killed_and_resumed_continues_at_next_round(tiny_encoder, deploym
     assert control.status(run_id)[1] == "completed", control.logs(run_id)
     history = json.loads((run_dir / "metrics.json").read_text())
     assert [r["round"] for r in history] == [1, 2, 3], "no round repeated or skipped"
-    assert "resuming after round" in control.logs(run_id)
-    np.testing.assert_array_equal(RunFolder(run_dir).load_round(1)[0][next(iter(first))], first[next(iter(first))])
+    assert "resuming after round 1" in control.logs(run_id)
+    run = RunFolder(run_dir)
+    for name, value in first.items():
+        np.testing.assert_array_equal(run.load_round(1)[0][name], value)
+    # round 2, redone, holds each region's update exactly once: the mean of what they sent
+    global_2, _ = run.load_round(2)
+    sent = {r: np.load(sent_update_path(run_dir.parent / "regions" / r, run_dir.name, 2)) for r in REGIONS}
+    weights = {r: int(sent[r]["__num_examples__"]) for r in REGIONS}
+    for name, value in global_2.items():
+        expected = sum(weights[r] * sent[r][name].astype(np.float64) for r in REGIONS) / sum(weights.values())
+        np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-7)
 
 
-def test_unregistered_supernode_is_refused_with_tls_and_auth(prepared, tmp_path):
+def test_unregistered_node_wrong_certificate_and_plain_text_are_refused(prepared, tmp_path):
     deployment = Deployment(tmp_path, prepared, tls=True)
     try:
         deployment.start_superlink(auth=True)
         good, good_pub = create_node_key(tmp_path / "keys", "eu")
         rogue, _ = create_node_key(tmp_path / "keys", "rogue")
-        node_id = deployment.control().register_node(good_pub)
+        control = deployment.control()
+        node_id = control.register_node(good_pub)
         accepted = deployment.start_region("eu", auth_key=good)
         assert f"SuperNode ID: {node_id}" in accepted.text()
-        refused = deployment.start_region("uk", wait=False, auth_key=rogue)
-        wait_until(lambda: refused.popen.poll() is not None, 120, "the unregistered node to be refused")
-        assert refused.popen.returncode != 0 and "Failed to activate SuperNode" in refused.text()
+        unregistered = deployment.start_region("uk", wait=False, auth_key=rogue)
+        other_ca = create_dev_pki(tmp_path / "other-ca").ca        # a CA the SuperLink's cert is not from
+        wrong_cert = deployment.start_region("row", wait=False, auth_key=good, root_cert=other_ca)
+        plain = RegionNode("plain", prepared / "row", tmp_path / "regions" / "plain", RegionBudget(enabled=False))
+        plain_text = start_supernode("supernode-plain", deployment.address, plain.node_config(), plain.state_dir,
+                                     None, wait=False)       # --insecure: plain text to a TLS port
+        deployment.nodes["plain"] = plain_text
+        wait_until(lambda: unregistered.popen.poll() is not None, 120, "the unregistered node to be refused")
+        assert unregistered.popen.returncode != 0 and "Failed to activate SuperNode" in unregistered.text()
+        wait_until(lambda: wrong_cert.popen.poll() is not None, 120, "the wrong-certificate node to give up")
+        assert wrong_cert.popen.returncode != 0 and "CERTIFICATE_VERIFY_FAILED" in wrong_cert.text()
+        wait_until(lambda: plain_text.text().count("Connection attempt failed") >= 3, 120,
+                   "the plain-text node to be refused three times")
+        for refused in (wrong_cert, plain_text):
+            assert "SuperNode ID:" not in refused.text(), refused.text()
+        online = [n for n, status in control.nodes().items() if status == "online"]
+        assert online == [node_id], "only the registered, verified node is connected"
     finally:
         deployment.stop()

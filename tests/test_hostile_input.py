@@ -44,6 +44,37 @@ def test_generic_ingestion_gives_silos_or_a_located_error(tmp_path_factory, rows
     assert not [p for p in root.iterdir() if p.name.startswith(".")], "no temporary left behind"
 
 
+HEADER = b"user_id,item_id,timestamp,region\n"
+GOOD_ROW = b"u1,i1,2024-01-01T10:00:00,eu\n"
+
+
+@FAST
+@given(junk=st.binary(max_size=300), encoding=st.sampled_from(["utf-8", "latin-1", "utf-16", "cp1252"]),
+       where=st.sampled_from(["body", "header", "catalog"]))
+def test_any_bytes_in_the_input_files_give_silos_or_a_located_error(tmp_path_factory, junk, encoding, where):
+    """Binary junk, other encodings, cut rows: a DataError naming the file, never a traceback."""
+    root = tmp_path_factory.mktemp("bytes")
+    rows = "".join(f"u{i % 3},i{i % 2 + 1},2024-01-0{i % 9 + 1}T10:00:00,eu,é{i}\n" for i in range(12))
+    interactions = (HEADER.rstrip(b"\n") + b",query\n").decode().encode(encoding) + rows.encode(encoding)
+    catalog = "item_id,title\ni1,Crème brûlée dish\ni2,WHITE MUG\n".encode(encoding)
+    if where == "body":
+        interactions += junk + GOOD_ROW
+    elif where == "header":
+        interactions = junk + interactions
+    else:
+        catalog += junk
+    (root / "i.csv").write_bytes(interactions)
+    (root / "c.csv").write_bytes(catalog)
+    try:
+        prepare(root / "i.csv", root / "out", catalog=root / "c.csv")
+    except DataError as error:
+        assert error.file in (str(root / "i.csv"), str(root / "c.csv")), error
+        assert not (root / "out").exists()
+    else:
+        assert (root / "out" / "summary.json").is_file()
+    assert not [p for p in root.iterdir() if p.name.startswith(".")], "no temporary left behind"
+
+
 @pytest.fixture(scope="module")
 def small_bundle(prepared, tiny_encoder, tmp_path_factory):
     import torch

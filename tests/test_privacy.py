@@ -80,6 +80,20 @@ def test_dp_round_changes_lora_weights(tiny_encoder, prepared):
                    for p in objective.teacher.adapter_parameters().values())
 
 
+def test_identical_seeds_never_release_identical_noise(tiny_encoder, prepared):
+    """Two releases sharing their noise would cancel it in their difference; the accountant
+    composes them as independent, so every DP round draws fresh noise whatever the seeds."""
+    released = []
+    for _ in range(2):
+        objective, silos = objective_for(tiny_encoder, prepared, perturb=0.0)   # seeds torch with 0
+        users = [u for u in silos["uk"].users if can_train(u)]
+        train_private(objective, users, FedrecConfig().train, DPPlan(len(users), 1.0, 1, 1.0, 1.0),
+                      np.random.default_rng(0))
+        released.append(objective.teacher.adapter_state())
+    differences = [np.abs(released[0][k] - released[1][k]).max() for k in released[0]]
+    assert min(differences) > 1e-6, "the same seeds gave the same noise"
+
+
 @pytest.mark.parametrize("sigma, clip, batch", [(1.0, 1.0, 8), (0.7, 2.0, 32)])
 def test_noise_std_matches_sigma_c_over_b(tiny_encoder, prepared, sigma, clip, batch):
     objective, _ = objective_for(tiny_encoder, prepared)
