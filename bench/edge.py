@@ -2,7 +2,7 @@
 and INT8 on one thread, the student's FLOP floor, bundle sizes, exact top-10 over 100k and 1M
 item vectors, and HTTP throughput of `fedrec serve` under load from a separate process.
 
-    python bench/edge.py TEACHER_CHECKPOINT STUDENT_CHECKPOINT
+    python bench/edge.py TEACHER_CHECKPOINT STUDENT_CHECKPOINT     → bench/results/edge-<student>.json
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def main(teacher_dir: str, student_dir: str) -> None:
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         topk[str(n)] = timed(Index(vectors.astype(np.float16)).search_one, list(vectors[:25]), warmup=5)
     queries = [catalog.titles[i].lower()[:30] for i in rng.choice(len(catalog), 200, replace=False)]
-    save("edge", {
+    save(f"edge-{Path(student_dir).name}", {
         "latency_one_thread": latency,
         "speedup_student_int8_vs_teacher_torch": latency["teacher torch eager"]["p50_ms"] / latency["student ORT int8"]["p50_ms"],
         "student_flop_floor": {"mean_context_tokens": tokens, "flops": student_flops(manifest, tokens),

@@ -109,9 +109,9 @@ def main() -> None:
                        f"{s['validation']['context_cosine']:.3f} | {s['validation']['top10_overlap']:.3f} | {retention} | "
                        f"{s['retention']['overall']['recall@10']:.3f} | {s['distill_seconds']:.0f} |")
         out.append(f"\nTeacher: {teacher['parameters']:,} parameters ({teacher['bytes_fp32']:,} bytes as float32).\n")
-    edge = load("edge")
-    if edge:
-        out += ["## Edge runtime (issue 6: `bench/edge.py`)", "", machine_line(edge), "",
+    for path in sorted(RESULTS.glob("edge-*.json")):
+        edge = json.loads(path.read_text())
+        out += [f"## Edge runtime, {path.stem[len('edge-'):]} (issue 6: `bench/edge.py`)", "", machine_line(edge), "",
                 "| one query, one thread | p50 ms | p99 ms |", "|---|---|---|"]
         out += [f"| {name} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} |" for name, v in edge["latency_one_thread"].items()]
         floor = edge["student_flop_floor"]

@@ -122,7 +122,7 @@ def distill(teacher: Teacher, teacher_checkpoint: str | Path, catalog: Catalog, 
     items = catalog.texts()
     log(f"teacher embeddings of {len(items):,} catalog items")
     target_items = teacher.encode_items(catalog)
-    neighbours = nearest_items(target_items, target_items, cfg.neighbours, exclude_self=True)
+    neighbours = nearest_items(target_items, target_items, min(cfg.neighbours, len(catalog) - 1), exclude_self=True)
     contexts = synthetic_contexts(catalog, cfg.contexts, model_cfg.context_items, rng, neighbours)
     contexts += query_texts(catalog, cfg.queries_per_item, rng)
     held_out = max(200, len(contexts) // 20)

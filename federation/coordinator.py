@@ -76,15 +76,18 @@ class Coordinator:
             time.sleep(1.0)
 
     def identify(self, nodes: list[int]) -> None:
-        """Ask newly connected nodes which region they serve, so logs can name them.
+        """Ask newly connected nodes which region they serve, so logs can name them."""
+        if nodes:
+            self.exchange(nodes, "query", None, {}, 0)
+
+    def learn_region(self, node: int, region: str) -> None:
+        """The node most recently found serving a region speaks for it from now on.
 
         A region restarted by its operator comes back as a new node while the SuperLink may still
-        list the old one for a heartbeat period: the newest node speaks for the region, so no
-        round waits on a dead node or takes two updates from one region.
+        list the old one for a heartbeat period: no round waits on the dead node.
         """
-        replies, _ = self.exchange(nodes, "query", None, {}, 0) if nodes else ({}, {})
-        for node in replies:
-            region = self.region_of[node]
+        if node not in self.region_of:
+            self.region_of[node] = region
             if self.node_of.get(region, node) != node:
                 log(f"region {region} reconnected as node {node}; node {self.node_of[region]} is superseded")
             self.node_of[region] = node
@@ -98,15 +101,15 @@ class Coordinator:
         messages = [Message(RecordDict(content), dst_node_id=node, message_type=kind, group_id=str(server_round))
                     for node in nodes]
         replies = self.grid.send_and_receive(messages, timeout=self.config.federation.round_timeout)
-        node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        destination = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         ok, failed = {}, {}
         for reply in replies:
-            node = node_of[reply.metadata.reply_to_message_id]
+            node = destination[reply.metadata.reply_to_message_id]
             if reply.has_error():
                 failed[node] = f"error {reply.error.code}: {reply.error.reason}"
             else:
                 ok[node] = reply
-                self.region_of[node] = str(reply.content["info"]["region"])
+                self.learn_region(node, str(reply.content["info"]["region"]))
         for node in nodes:
             if node not in ok and node not in failed:
                 failed[node] = f"no reply within {self.config.federation.round_timeout:.0f}s"
@@ -141,6 +144,8 @@ class Coordinator:
                     continue
                 sent = from_record(reply.content["arrays"])
                 problem = invalid_update(sent, adapters)
+                if region in record["regions"]:
+                    problem = "a second update from this region in one round (two nodes serve it)"
                 if problem:
                     record["dropped"][region] = f"update rejected: {problem}"
                     log(f"round {server_round}: region {region}'s update rejected ({problem})")

@@ -79,7 +79,7 @@ def train_round(settings: RegionSettings, config: FedrecConfig, adapters: State,
     if not settings.budget.enabled:
         return _train_round(settings, config, adapters, server_round, run, None)
     privacy = RegionPrivacy(settings.region, settings.budget, settings.state_dir)
-    with privacy.ledger.lock():     # a second round arriving meanwhile waits: no two plans on one history
+    with privacy.exclusive():
         return _train_round(settings, config, adapters, server_round, run, privacy)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -13,11 +14,19 @@ from typing import Any, Iterator
 from fedrec.errors import FedrecError
 
 
+# what a full disk, a quota or a read-only folder raise
+WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def write_failed(path: Path, exc: OSError) -> FedrecError:
     """The error a user sees when the disk is full or the folder is read-only."""
     return FedrecError(f"cannot write {path}: {exc.strerror or exc}",
                        hint="Free disk space or make the folder writable, then run again; "
-                            "what was there before is intact.")
+                            "no file was left half-written.")
+
+
+def is_write_failure(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS
 
 
 def fsync_dir(path: Path) -> None:
@@ -46,7 +55,7 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[Any]:
         fsync_dir(path.parent)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
+        if is_write_failure(exc):
             raise write_failed(path, exc) from exc
         raise
 
@@ -81,6 +90,6 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
+        if is_write_failure(exc):
             raise write_failed(path, exc) from exc
         raise

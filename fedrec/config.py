@@ -73,7 +73,7 @@ class FederationConfig:
 class DistillConfig:
     """The student and how it learns from the teacher (public inputs only)."""
 
-    layers: int = 4
+    layers: int = 2
     hidden: int = 128
     heads: int = 4
     intermediate: int = 512

@@ -120,10 +120,10 @@ class Ledger:
             if os.write(fd, line) != len(line):
                 raise OSError(errno.ENOSPC, "short write (disk full?)")
             os.fsync(fd)
+            fsync_dir(self.path.parent)
         except OSError as exc:
             os.ftruncate(fd, size)        # never leave half an entry: the chain stays verifiable
             raise write_failed(self.path, exc) from exc
         finally:
             os.close(fd)
-        fsync_dir(self.path.parent)
         return entry

@@ -38,6 +38,11 @@ class RegionPrivacy:
         self.region, self.budget = region, budget
         self.ledger = Ledger(Path(state_dir) / LEDGER_FILE)
 
+    def exclusive(self):
+        """Hold across plan → train → record: a second round arriving meanwhile (a late one and
+        the next, or two processes) waits, so no two plans are made on the same history."""
+        return self.ledger.lock()
+
     def spent(self) -> float:
         return opacus_epsilon(segments(self.ledger.entries()), self.budget.delta, self.budget.accountant)
 

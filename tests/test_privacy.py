@@ -20,7 +20,7 @@ from fedrec.privacy.accountant import noise_for_budget, opacus_epsilon, pld_epsi
 from fedrec.privacy.budget import RegionBudget
 from fedrec.privacy.dp_sgd import DPPlan, train_private
 from fedrec.privacy.ledger import Ledger, LedgerError
-from fedrec.privacy.spend import RegionPrivacy
+from fedrec.privacy.spend import RegionPrivacy, segments
 from fedrec.training.objective import Example, RetrievalObjective, can_train
 
 
@@ -134,7 +134,7 @@ def test_derived_sigma_meets_the_budget_over_the_whole_run():
 SPEND_ONE_ROUND = """
 import sys
 from fedrec.privacy.budget import RegionBudget
-from fedrec.privacy.spend import RegionPrivacy
+from fedrec.privacy.spend import RegionPrivacy, segments
 privacy = RegionPrivacy("eu", RegionBudget(epsilon=50, delta=1e-5), sys.argv[1])
 decision = privacy.plan_round(users=400, batch_size=40, local_epochs=1, planned_rounds=4)
 print(privacy.record(decision, "run", int(sys.argv[2])).epsilon)
@@ -173,6 +173,27 @@ def test_delta_must_be_below_one_over_users(tmp_path):
     privacy = RegionPrivacy("row", RegionBudget(epsilon=8, delta=0.01), tmp_path)
     with pytest.raises(FedrecError, match="not below 1/users"):
         privacy.plan_round(users=200, batch_size=10, local_epochs=1, planned_rounds=1)
+
+
+CONCURRENT_SPEND = """
+import sys, time
+from fedrec.privacy.budget import RegionBudget
+from fedrec.privacy.spend import RegionPrivacy, segments
+privacy = RegionPrivacy("eu", RegionBudget(epsilon=50.0, delta=1e-5, noise_multiplier=1.0), sys.argv[1])
+with privacy.exclusive():
+    decision = privacy.plan_round(1000, 100, 1.0, 2)
+    time.sleep(1.0)                   # without the lock both would plan on the empty history here
+    privacy.record(decision, "run", int(sys.argv[2]))
+"""
+
+
+def test_two_rounds_at_once_in_one_region_are_serialised(tmp_path):
+    rounds = [subprocess.Popen([sys.executable, "-c", CONCURRENT_SPEND, str(tmp_path), str(r)]) for r in (1, 2)]
+    assert [p.wait(120) for p in rounds] == [0, 0]
+    entries = Ledger(tmp_path / "ledger.jsonl").entries()
+    assert sorted(e.round for e in entries) == [1, 2]
+    assert entries[1].epsilon > entries[0].epsilon, "the second plan saw the first spend"
+    assert entries[1].epsilon == pytest.approx(opacus_epsilon(segments(entries), 1e-5), rel=1e-9)
 
 
 def test_tampered_ledgers_are_detected(tmp_path):
