@@ -1,7 +1,7 @@
 """EdgeModel: recommendations, search and similar items from a verified bundle, with ONNX Runtime.
 
 Users and queries are encoded on the fly; items come precomputed (float16, L2-normalised) and are
-ranked exactly by one matrix product. `Index` is the seam for an approximate index later.
+ranked by an index from `edge_runtime.index` (exact by default).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from fedrec.edge_runtime.bundle import BundleError, open_bundle
+from fedrec.edge_runtime.index import Index
 from fedrec.text import context_text
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"],
@@ -29,28 +30,6 @@ class Result:
     title: str
     score: float
     because: str | None = None          # for recommendations: the history item that contributed most
-
-
-class Index:
-    """Exact top-k by inner product over all item vectors."""
-
-    def __init__(self, vectors: np.ndarray):
-        self.vectors = vectors.astype(np.float32)
-
-    def search(self, queries: np.ndarray, k: int, exclude: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        scores = queries.astype(np.float32) @ self.vectors.T
-        if exclude:
-            for row, items in enumerate(exclude):
-                scores[row, items] = -np.inf
-        k = min(k, scores.shape[1])
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        order = np.take_along_axis(scores, top, 1).argsort(axis=1)[:, ::-1]
-        top = np.take_along_axis(top, order, 1)
-        return top, np.take_along_axis(scores, top, 1)
-
-    def search_one(self, query: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-        top, scores = self.search(query[None, :], k)
-        return top[0], scores[0]
 
 
 class EdgeModel:

@@ -25,6 +25,7 @@ from fedrec.edge_runtime.server import make_server
 from fedrec.errors import FedrecError
 from fedrec.export.bundle import export_bundle
 from fedrec.model.teacher import Teacher
+from fedrec.text import context_text
 
 STUDENT = {"distill.layers": 2, "distill.hidden": 64, "distill.heads": 2, "distill.intermediate": 128,
            "distill.contexts": 400, "distill.epochs": 2, "distill.vocab_reserve": 50, "distill.candidates": 64}
@@ -200,6 +201,24 @@ def test_http_api_validates_input(bundle):
         assert post(base, "/search", {"query": "red mug", "k": 2})[0] == 200
     finally:
         server.shutdown()
+
+
+def test_int8_index_returns_the_exact_top_k_on_real_item_vectors(bundle, catalog):
+    from fedrec.edge_runtime.index import Index, QuantizedIndex
+    from fedrec.export.item_index import int8_scan_model
+
+    model = EdgeModel(bundle)
+    vectors = model.index.vectors
+    quantized = QuantizedIndex(int8_scan_model(vectors), vectors, rerank=50)
+    users = model.embed([context_text([], q) for q in queries(catalog)])
+    exclude = [np.arange(i, i + 3) for i in range(len(users))]
+    for kwargs in ({}, {"exclude": exclude}):
+        exact_top, exact_scores = Index(vectors).search(users, 10, **kwargs)
+        top, scores = quantized.search(users, 10, **kwargs)
+        # the same top-k scores (items with equal scores, e.g. duplicate titles, may swap places)
+        np.testing.assert_allclose(scores, exact_scores, rtol=1e-6, atol=1e-6)
+        assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top.tolist(), exact_top.tolist())]) > 0.97
+    assert not set(top[0].tolist()) & set(exclude[0].tolist())
 
 
 def test_serve_under_concurrent_load_has_no_errors_and_flat_memory(bundle, catalog):

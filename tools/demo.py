@@ -40,7 +40,7 @@ def run_demo(source: Path, out: Path, config: FedrecConfig | None = None, epsilo
     config = config or FedrecConfig.from_flat(DEMO_SETTINGS)
     started = time.perf_counter()
     out = out.resolve()
-    echo(f"1/4 preparing regional silos from {source}")
+    echo(f"1/6 preparing regional silos from {source}")
     prepared = prepare(source, out / "silos")
     regions = sorted(prepared.summary["regions"])
     for region, counts in prepared.summary["regions"].items():
