@@ -16,9 +16,10 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from fedrec.edge_runtime.bundle import BundleError, open_bundle
-from fedrec.edge_runtime.index import Index
+from fedrec.edge_runtime.index import Index, QuantizedIndex
 from fedrec.text import context_text
 
+INT8_INDEX_FROM = 50_000     # below this an exact scan is as fast as the int8 one (BENCHMARKS.md)
 PROVIDERS = {"cpu": ["CPUExecutionProvider"],
              "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
              "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}
@@ -33,7 +34,10 @@ class Result:
 
 
 class EdgeModel:
-    def __init__(self, bundle: str | Path, precision: str = "int8", device: str = "cpu", threads: int = 1):
+    def __init__(self, bundle: str | Path, precision: str = "int8", device: str = "cpu", threads: int = 1,
+                 index: str = "auto"):
+        """`index`: "exact", "int8" (needs a bundle exported with --int8-index), or "auto": the int8
+        index when the bundle has one and the catalog has at least INT8_INDEX_FROM items."""
         self.folder = open_bundle(bundle)
         self.manifest = json.loads((self.folder / "manifest.json").read_text())
         model = self.manifest["model"]
@@ -57,7 +61,18 @@ class EdgeModel:
         self.item_ids: list[str] = catalog["item_ids"]
         self.titles: list[str] = catalog["titles"]
         self.position = {item: i for i, item in enumerate(self.item_ids)}
-        self.index = Index(np.load(self.folder / model["item_embeddings"]))
+        self.index = self.load_index(model, index)
+
+    def load_index(self, model: dict, kind: str) -> Index | QuantizedIndex:
+        vectors = np.load(self.folder / model["item_embeddings"])
+        if kind not in ("auto", "exact", "int8"):
+            raise BundleError(f"unknown index {kind!r}; choose auto, exact or int8")
+        if kind == "int8" and "item_index" not in model:
+            raise BundleError(f"{self.folder}: no int8 item index in this bundle; export it with "
+                              "`fedrec export --int8-index`, or use index='exact'")
+        if kind == "int8" or (kind == "auto" and "item_index" in model and len(vectors) >= INT8_INDEX_FROM):
+            return QuantizedIndex((self.folder / model["item_index"]).read_bytes(), vectors)
+        return Index(vectors)
 
     # -- encoding --------------------------------------------------------------------------
     def embed(self, texts: Sequence[str]) -> np.ndarray:

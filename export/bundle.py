@@ -67,7 +67,9 @@ def quantize_int8(source: Path, target: Path) -> None:
 
 
 def export_bundle(checkpoint: str | Path, catalog: Catalog, out: str | Path, int8: bool = True,
-                  tensorrt: bool = False, tar: bool = False, metrics: dict | None = None) -> Path:
+                  tensorrt: bool = False, tar: bool = False, metrics: dict | None = None,
+                  int8_index: bool = False) -> Path:
+    """`int8_index` adds the int8 item scan (`edge_runtime.index.QuantizedIndex`), for large catalogs."""
     checkpoint, out = Path(checkpoint), Path(out)
     encoder, tokenizer_json, meta = prepared_for_export(checkpoint)
     items = encoder.encode_items(catalog).cpu().numpy().astype(np.float16)
@@ -83,6 +85,10 @@ def export_bundle(checkpoint: str | Path, catalog: Catalog, out: str | Path, int
             build_engine(tmp / "encoder.fp32.onnx", tmp / "encoder.fp16.plan", encoder.config.max_context_tokens)
         (tmp / "tokenizer.json").write_text(tokenizer_json)
         np.save(tmp / "items.npy", items)
+        if int8_index:
+            from fedrec.export.item_index import int8_scan_model
+
+            (tmp / "items.int8.onnx").write_bytes(int8_scan_model(items.astype(np.float32)))
         write_json(tmp / "items.json", {"item_ids": catalog.item_ids, "titles": catalog.titles})
         parameters = sum(p.numel() for p in encoder.parameters())
         manifest = {
@@ -98,6 +104,7 @@ def export_bundle(checkpoint: str | Path, catalog: Catalog, out: str | Path, int
                 "onnx": onnx_files, "tokenizer": "tokenizer.json", "item_embeddings": "items.npy",
                 "items": "items.json", "items_count": len(catalog),
                 **({"tensorrt_engine": "encoder.fp16.plan"} if tensorrt else {}),
+                **({"item_index": "items.int8.onnx"} if int8_index else {}),
             },
             "metrics": metrics or {},
             "privacy": {"regions": meta.get("privacy", {}),

@@ -221,6 +221,21 @@ def test_int8_index_returns_the_exact_top_k_on_real_item_vectors(bundle, catalog
     assert not set(top[0].tolist()) & set(exclude[0].tolist())
 
 
+def test_bundle_with_an_int8_index_serves_the_same_results(student_dir, bundle, catalog, tmp_path):
+    indexed = export_bundle(student_dir, catalog, tmp_path / "indexed", int8_index=True)
+    manifest = json.loads((indexed / "manifest.json").read_text())
+    assert manifest["model"]["item_index"] == "items.int8.onnx" and "items.int8.onnx" in manifest["files"]
+    exact, int8 = EdgeModel(bundle, index="exact"), EdgeModel(indexed, index="int8")
+    assert type(EdgeModel(indexed).index).__name__ == "Index", "a small catalog stays exact under auto"
+    for query in queries(catalog, 20):
+        np.testing.assert_allclose([r.score for r in int8.search(query, 5)], [r.score for r in exact.search(query, 5)],
+                                   rtol=1e-2, atol=1e-3)
+    history = exact.item_ids[:3]
+    assert not {r.item_id for r in int8.recommend(history, 5)} & set(history)
+    with pytest.raises(BundleError, match="no int8 item index"):
+        EdgeModel(bundle, index="int8")
+
+
 def test_serve_under_concurrent_load_has_no_errors_and_flat_memory(bundle, catalog):
     """`fedrec serve` in its own process, loaded from this one: bounded in requests and time."""
     from fedrec.federation.deployment import free_port

@@ -388,6 +388,7 @@ def export_command(
     tensorrt: bool = typer.Option(False, help="Also build an FP16 TensorRT engine (NVIDIA GPU + tensorrt extra)."),
     tar: bool = typer.Option(False, help="Also write OUT.tar.gz."),
     metrics: Optional[Path] = typer.Option(None, help="Evaluation JSON (`fedrec evaluate --json`) to record."),
+    int8_index: bool = typer.Option(False, help="Also write an int8 item index (for catalogs of ~100k items and more)."),
 ) -> None:
     """Build an edge bundle: ONNX FP32/INT8, tokenizer, item embeddings, signed-by-hash manifest."""
     from fedrec.data.silo import Catalog
@@ -395,7 +396,8 @@ def export_command(
 
     checkpoint = model / "final" if (model / "final").is_dir() else model
     recorded = json.loads(metrics.read_text()) if metrics else None
-    folder = export_bundle(checkpoint, Catalog.load(data / "catalog.parquet"), out, int8, tensorrt, tar, recorded)
+    folder = export_bundle(checkpoint, Catalog.load(data / "catalog.parquet"), out, int8, tensorrt, tar, recorded,
+                           int8_index)
     typer.echo(f"bundle {folder}" + (f" and {folder}.tar.gz" if tar else ""))
 
 
