@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +23,8 @@ from fedrec.edge_runtime import EdgeModel
 from fedrec.edge_runtime.index import Index, QuantizedIndex
 from fedrec.export.bundle import export_bundle
 from fedrec.export.item_index import int8_scan_model
-from fedrec.federation.deployment import free_port
 from fedrec.model.teacher import Teacher
-from fedrec.tools.loadtest import mixed_calls, run_load
+from fedrec.tools.loadtest import mixed_calls, run_load, serving
 
 
 def percentiles(seconds: list[float]) -> dict:
@@ -67,26 +64,13 @@ def student_flops(manifest: dict, tokens: int) -> float:
 
 def http_load(bundle: Path, item_ids: list[str], queries: list[str], requests: int = 6000, clients: int = 8) -> dict:
     """`fedrec serve` in its own process under a mixed load from this one (issue 7's load check)."""
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "fedrec.tools", "serve", str(bundle), "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(base + "/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.2)
+    with serving(bundle) as (base, pid):
         calls = mixed_calls(item_ids, queries, requests)
         run_load(base, calls[:200], clients)                                    # warm-up
-        report = run_load(base, calls, clients, server_pid=server.pid)
-        rss = report.rss_mb
-        return {**{k: v for k, v in asdict(report).items() if k != "rss_mb"},
-                "rss_mb_first": rss[0], "rss_mb_max": max(rss), "rss_mb_last": rss[-1], "rss_samples": len(rss)}
-    finally:
-        server.terminate()
-        server.wait(10)
+        report = run_load(base, calls, clients, server_pid=pid)
+    rss = report.rss_mb
+    return {**{k: v for k, v in asdict(report).items() if k != "rss_mb"},
+            "rss_mb_first": rss[0], "rss_mb_max": max(rss), "rss_mb_last": rss[-1], "rss_samples": len(rss)}
 
 
 def main(teacher_dir: str, student_dir: str) -> None:

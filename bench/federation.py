@@ -73,8 +73,7 @@ def dp_step_ratio(batch: int = 32, steps: int = 6) -> dict:
             train_epochs(objective, make_optimizer(objective, config.train), users, config.train, 1,
                          np.random.default_rng(0))
         else:
-            train_private(objective, users, config.train, DPPlan(len(users), batch / len(users), steps, 1.0, 1.0),
-                          np.random.default_rng(0))
+            train_private(objective, users, config.train, DPPlan(len(users), batch / len(users), steps, 1.0, 1.0))
         timings.setdefault(kind, []).append((time.perf_counter() - started) / steps)
     plain, dp = min(timings["plain"]), min(timings["dp"])
     return {"batch": batch, "plain_step_seconds": plain, "dp_step_seconds": dp, "ratio": dp / plain}

@@ -141,7 +141,7 @@ def distill(teacher: Teacher, teacher_checkpoint: str | Path, catalog: Catalog, 
     log(f"teacher targets for {len(contexts):,} public contexts")
     target_contexts = teacher.encode(train_contexts, model_cfg.max_context_tokens)
     val_targets = teacher.encode(val_contexts, model_cfg.max_context_tokens)
-    teacher_top = nearest_items(target_items, target_contexts, max(cfg.hard_candidates, 1))
+    teacher_top = nearest_items(target_items, target_contexts, cfg.hard_candidates)
 
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr)
     schedule = warmup_cosine(optimizer, cfg.epochs * -(-len(train_contexts) // cfg.batch_size))
@@ -152,7 +152,7 @@ def distill(teacher: Teacher, teacher_checkpoint: str | Path, catalog: Catalog, 
         losses = []
         for start in tqdm(range(0, len(order), cfg.batch_size), desc=f"distill epoch {epoch}", leave=False):
             batch = order[start:start + cfg.batch_size]
-            candidates = torch.as_tensor(batch_candidates(teacher_top[batch, :cfg.hard_candidates], len(catalog),
+            candidates = torch.as_tensor(batch_candidates(teacher_top[batch], len(catalog),
                                                           cfg.candidates, rng), device=student.device)
             ctx = student(**student.tokenize([train_contexts[i] for i in batch], model_cfg.max_context_tokens))
             cand = student(**student.tokenize([items[i] for i in candidates.tolist()], model_cfg.max_item_tokens))

@@ -15,7 +15,20 @@ import onnxruntime as ort
 ZERO_POINT = 128          # queries are quantized to uint8 around this zero point
 
 
-class Index:
+class ItemIndex:
+    """Top-k item positions and scores for a batch of queries; `search_one` for one query."""
+
+    vectors: np.ndarray
+
+    def search(self, queries: np.ndarray, k: int, exclude: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def search_one(self, query: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        top, scores = self.search(query[None, :], k)
+        return top[0], scores[0]
+
+
+class Index(ItemIndex):
     """Exact top-k by inner product over all item vectors."""
 
     def __init__(self, vectors: np.ndarray):
@@ -32,12 +45,8 @@ class Index:
         top = np.take_along_axis(top, order, 1)
         return top, np.take_along_axis(scores, top, 1)
 
-    def search_one(self, query: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-        top, scores = self.search(query[None, :], k)
-        return top[0], scores[0]
 
-
-class QuantizedIndex:
+class QuantizedIndex(ItemIndex):
     """int8 scan with ONNX Runtime, then exact float32 re-scoring of the best `rerank` candidates."""
 
     def __init__(self, scan_model: bytes, vectors: np.ndarray, rerank: int = 100, threads: int = 2):
@@ -62,7 +71,3 @@ class QuantizedIndex:
             top.append(found[order])
             scores.append(exact[order])
         return np.array(top), np.array(scores)
-
-    def search_one(self, query: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-        top, scores = self.search(query[None, :], k)
-        return top[0], scores[0]

@@ -16,7 +16,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from fedrec.edge_runtime.bundle import BundleError, open_bundle
-from fedrec.edge_runtime.index import Index, QuantizedIndex
+from fedrec.edge_runtime.index import Index, ItemIndex, QuantizedIndex
 from fedrec.text import context_text
 
 INT8_INDEX_FROM = 50_000     # below this an exact scan is as fast as the int8 one (BENCHMARKS.md)
@@ -63,10 +63,10 @@ class EdgeModel:
         self.position = {item: i for i, item in enumerate(self.item_ids)}
         self.index = self.load_index(model, index)
 
-    def load_index(self, model: dict, kind: str) -> Index | QuantizedIndex:
-        vectors = np.load(self.folder / model["item_embeddings"])
+    def load_index(self, model: dict, kind: str) -> ItemIndex:
         if kind not in ("auto", "exact", "int8"):
             raise BundleError(f"unknown index {kind!r}; choose auto, exact or int8")
+        vectors = np.load(self.folder / model["item_embeddings"])
         if kind == "int8" and "item_index" not in model:
             raise BundleError(f"{self.folder}: no int8 item index in this bundle; export it with "
                               "`fedrec export --int8-index`, or use index='exact'")

@@ -3,7 +3,6 @@ its operator opted out), record the spend, evaluate on its own users, keep a cop
 
 from __future__ import annotations
 
-import secrets
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -89,9 +88,7 @@ def _train_round(settings: RegionSettings, config: FedrecConfig, adapters: State
     silo = settings.silo()
     users = [u for u in silo.users if can_train(u)]
     fed, budget = config.federation, settings.budget
-    # Under DP, user sampling must be secret and fresh in every release: never a seed a rerun repeats.
-    seed = secrets.randbits(63) if privacy else \
-        config.train.seed + 1000 * server_round + zlib.crc32(settings.region.encode())
+    seed = config.train.seed + 1000 * server_round + zlib.crc32(settings.region.encode())   # DP draws its own
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     info: dict = {"region": settings.region, "dp": budget.enabled}
@@ -108,7 +105,7 @@ def _train_round(settings: RegionSettings, config: FedrecConfig, adapters: State
     objective = RetrievalObjective(teacher, silo.catalog)
     regulariser = proximal_term(teacher, adapters, fed.proximal_mu) if fed.strategy == "fedprox" else None
     if privacy:
-        loss = train_private(objective, users, config.train, decision.plan, rng, label, regulariser)
+        loss = train_private(objective, users, config.train, decision.plan, label, regulariser)
         entry = privacy.record(decision, run, server_round)
         info.update(epsilon=entry.epsilon, ledger_head=privacy.ledger.head(),
                     noise_multiplier=decision.plan.noise_multiplier)

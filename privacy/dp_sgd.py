@@ -46,27 +46,26 @@ def round_shape(users: int, batch_size: int, local_epochs: float) -> tuple[float
     return sample_rate, max(1, round(local_epochs * math.ceil(1 / sample_rate)))
 
 
-def fresh_generator(device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
-
-
 def train_private(objective: RetrievalObjective, users: list[UserRecord], cfg: TrainConfig,
-                  plan: DPPlan, rng: np.random.Generator, desc: str = "dp-sgd",
+                  plan: DPPlan, desc: str = "dp-sgd",
                   regulariser: Callable[[], torch.Tensor] | None = None) -> float:
     """Runs `plan.steps` DP-SGD steps and returns the mean loss of the sampled examples.
 
-    The noise comes from fresh OS entropy, never from `rng` or torch's global seed: two releases
-    with the same seed would share their noise, and the accountant assumes they do not.
+    User sampling, example choice and noise all come from fresh OS entropy, never from a configured
+    seed: two releases with the same seed would share their noise and their sample, and the
+    accountant assumes they do not.
     `regulariser` (FedProx) is data-independent, so its gradient is added after the noise.
     """
     if len(users) != plan.users:
         raise FedrecError(f"plan is for {plan.users} users but {len(users)} were given")
     params = list(objective.teacher.adapter_parameters().values())
+    rng = np.random.default_rng(secrets.randbits(128))
+    noise = torch.Generator(params[0].device if params else "cpu").manual_seed(secrets.randbits(63))
     model = GradSampleModule(objective, loss_reduction="mean")
     optimizer = DPOptimizer(make_optimizer(objective, cfg), noise_multiplier=plan.noise_multiplier,
                             max_grad_norm=plan.max_grad_norm,
                             expected_batch_size=plan.sample_rate * plan.users,
-                            generator=fresh_generator(params[0].device if params else "cpu"))
+                            generator=noise)
     if len(optimizer.params) != len(params) or not params:
         raise FedrecError("the DP optimizer does not hold the adapters: nothing would train")
     objective.teacher.train()

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import tarfile
 import threading
-import time
 import urllib.error
 import urllib.request
 
@@ -238,28 +237,12 @@ def test_bundle_with_an_int8_index_serves_the_same_results(student_dir, bundle, 
 
 def test_serve_under_concurrent_load_has_no_errors_and_flat_memory(bundle, catalog):
     """`fedrec serve` in its own process, loaded from this one: bounded in requests and time."""
-    from fedrec.federation.deployment import free_port
-    from fedrec.tools.loadtest import mixed_calls, run_load
+    from fedrec.tools.loadtest import mixed_calls, run_load, serving
 
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "fedrec.tools", "serve", str(bundle), "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(base + "/health", timeout=1)
-                break
-            except OSError:
-                assert time.monotonic() < deadline and server.poll() is None, "fedrec serve did not start"
-                time.sleep(0.2)
+    with serving(bundle) as (base, pid):
         calls = mixed_calls(EdgeModel(bundle).item_ids, queries(catalog), 300)
         run_load(base, calls[:60], clients=8)                                   # warm-up
-        report = run_load(base, calls * 4, clients=8, server_pid=server.pid, timeout=20)
-    finally:
-        server.terminate()
-        server.wait(10)
+        report = run_load(base, calls * 4, clients=8, server_pid=pid, timeout=20)
     assert report.errors == 0, report.error_samples
     assert report.requests == 1200 and len(report.rss_mb) >= 5
     assert report.rss_growth_mb < 8.0, f"server memory grew {report.rss_growth_mb:.1f} MB: {report.rss_mb}"

@@ -5,15 +5,22 @@ flat: a leak shows as growth from the first third of the run to the last)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
+
+from fedrec.errors import FedrecError
+from fedrec.federation.deployment import free_port
 
 Call = tuple[str, dict]          # (endpoint path, JSON body)
 
@@ -30,6 +37,29 @@ class LoadReport:
     rss_mb: list[float] = field(default_factory=list)     # the server's RSS, sampled through the run
     rss_growth_mb: float = 0.0                             # median of the last third − the first third
     error_samples: list[str] = field(default_factory=list)
+
+
+@contextmanager
+def serving(bundle: str | Path, timeout: float = 60.0) -> Iterator[tuple[str, int]]:
+    """`fedrec serve BUNDLE` in its own process on a free loopback port: yields (base URL, pid)."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "fedrec.tools", "serve", str(bundle), "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(base + "/health", timeout=1)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise FedrecError(f"`fedrec serve {bundle}` did not start on port {port}") from None
+                time.sleep(0.2)
+        yield base, server.pid
+    finally:
+        server.terminate()
+        server.wait(10)
 
 
 def mixed_calls(item_ids: list[str], queries: list[str], count: int, seed: int = 0) -> list[Call]:
