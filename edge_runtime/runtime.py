@@ -36,20 +36,24 @@ class Result:
 class EdgeModel:
     def __init__(self, bundle: str | Path, precision: str = "int8", device: str = "cpu", threads: int = 1,
                  index: str = "auto"):
-        """`index`: "exact", "int8" (needs a bundle exported with --int8-index), or "auto": the int8
+        """`precision`: a key of the manifest's "onnx" (fp32, int8, and fp16 when exported for GPUs).
+        `device`: cpu, or cuda / tensorrt through ONNX Runtime's GPU providers.
+        `index`: "exact", "int8" (needs a bundle exported with --int8-index), or "auto": the int8
         index when the bundle has one and the catalog has at least INT8_INDEX_FROM items."""
         self.folder = open_bundle(bundle)
         self.manifest = json.loads((self.folder / "manifest.json").read_text())
         model = self.manifest["model"]
         files = model["onnx"]
         if precision not in files:
-            raise BundleError(f"{self.folder}: no {precision} model in this bundle (has {', '.join(files)})")
+            raise BundleError(f"{self.folder}: no {precision} model in this bundle (has {', '.join(files)}); "
+                              f"`fedrec export --{precision}` writes one")
         if device not in PROVIDERS:
             raise BundleError(f"unknown device {device!r}; choose cpu, cuda or tensorrt")
         wanted = PROVIDERS[device]
         if wanted[0] not in ort.get_available_providers():
             raise BundleError(f"{wanted[0]} is not available in this onnxruntime "
-                              f"(has {', '.join(ort.get_available_providers())}); use device='cpu'")
+                              f"(has {', '.join(ort.get_available_providers())}); on a GPU machine install "
+                              "onnxruntime-gpu in place of onnxruntime, or use device='cpu'")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

@@ -1,7 +1,12 @@
 """Building a bundle. The layout and manifest are what `fedrec.edge_runtime` verifies and reads:
 
     encoder.fp32.onnx  encoder.int8.onnx  tokenizer.json  items.npy (float16)  items.json
-    [encoder.fp16.plan]  manifest.json (format version, model facts, metrics, privacy, files)
+    [encoder.fp16.onnx  encoder.fp16.plan  items.int8.onnx]
+    manifest.json (format version, model facts, metrics, privacy, files)
+
+encoder.fp16.onnx carries its precision in the graph (float16 weights and compute, float32 inputs
+and outputs), which is what GPU runtimes want: ONNX Runtime's CUDA and TensorRT providers run it
+as typed, and the TensorRT engine is built from it as a strongly typed network.
 """
 
 from __future__ import annotations
@@ -66,10 +71,18 @@ def quantize_int8(source: Path, target: Path) -> None:
     quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
 
 
+def convert_fp16(source: Path, target: Path) -> None:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    onnx.save(convert_float_to_float16(onnx.load(str(source)), keep_io_types=True), str(target))
+
+
 def export_bundle(checkpoint: str | Path, catalog: Catalog, out: str | Path, int8: bool = True,
                   tensorrt: bool = False, tar: bool = False, metrics: dict | None = None,
-                  int8_index: bool = False) -> Path:
-    """`int8_index` adds the int8 item scan (`edge_runtime.index.QuantizedIndex`), for large catalogs."""
+                  int8_index: bool = False, fp16: bool = False) -> Path:
+    """`fp16` adds the float16 encoder for GPUs (`tensorrt` implies it: the engine is built from it);
+    `int8_index` adds the int8 item scan (`edge_runtime.index.QuantizedIndex`), for large catalogs."""
     checkpoint, out = Path(checkpoint), Path(out)
     encoder, tokenizer_json, meta = prepared_for_export(checkpoint)
     items = encoder.encode_items(catalog).cpu().numpy().astype(np.float16)
@@ -79,10 +92,13 @@ def export_bundle(checkpoint: str | Path, catalog: Catalog, out: str | Path, int
         if int8:
             quantize_int8(tmp / "encoder.fp32.onnx", tmp / "encoder.int8.onnx")
             onnx_files["int8"] = "encoder.int8.onnx"
+        if fp16 or tensorrt:
+            convert_fp16(tmp / "encoder.fp32.onnx", tmp / "encoder.fp16.onnx")
+            onnx_files["fp16"] = "encoder.fp16.onnx"
         if tensorrt:
             from fedrec.export.tensorrt import build_engine
 
-            build_engine(tmp / "encoder.fp32.onnx", tmp / "encoder.fp16.plan", encoder.config.max_context_tokens)
+            build_engine(tmp / "encoder.fp16.onnx", tmp / "encoder.fp16.plan", encoder.config.max_context_tokens)
         (tmp / "tokenizer.json").write_text(tokenizer_json)
         np.save(tmp / "items.npy", items)
         if int8_index:

@@ -1,4 +1,10 @@
-"""FP16 TensorRT engine from the ONNX encoder (GPU only; the `tensorrt` extra)."""
+"""TensorRT engine from the float16 ONNX encoder (GPU only; the `tensorrt` extra).
+
+The network is strongly typed: TensorRT keeps the precision written in the graph (float16 compute,
+float32 inputs and outputs) instead of choosing kernels by builder flags. That is the only mode
+TensorRT 11 has, and TensorRT 10 gets it through the STRONGLY_TYPED creation flag, so one build
+serves both.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ from fedrec.errors import FedrecError
 
 
 def build_engine(onnx_path: Path, engine_path: Path, max_tokens: int, max_batch: int = 64) -> None:
+    """Optimisation profile: batch 1..max_batch, tokens 1..max_tokens, tuned for 8 × max_tokens/2."""
     try:
         import tensorrt as trt
     except ImportError as exc:
@@ -18,17 +25,49 @@ def build_engine(onnx_path: Path, engine_path: Path, max_tokens: int, max_batch:
         raise FedrecError("TensorRT needs an NVIDIA GPU and none is visible", hint="Export without --tensorrt here.")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(onnx_path.read_bytes()):
-        raise FedrecError(f"TensorRT cannot parse {onnx_path}: {parser.get_error(0)}")
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise FedrecError(f"TensorRT cannot parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
-    config.set_flag(trt.BuilderFlag.FP16)
     profile = builder.create_optimization_profile()
     for name in ("input_ids", "attention_mask"):
-        profile.set_shape(name, (1, 1), (8, max_tokens // 2), (max_batch, max_tokens))
+        profile.set_shape(name, (1, 1), (8, max(1, max_tokens // 2)), (max_batch, max_tokens))
     config.add_optimization_profile(profile)
     engine = builder.build_serialized_network(network, config)
     if engine is None:
-        raise FedrecError("TensorRT failed to build the engine")
+        raise FedrecError(f"TensorRT failed to build an engine from {onnx_path}", hint="Its log above says why.")
     engine_path.write_bytes(bytes(engine))
+
+
+
+class Engine:
+    """A built engine run with CUDA buffers from torch: how the GPU checks verify the engine itself
+    against ONNX Runtime (serving goes through ONNX Runtime's providers instead)."""
+
+    def __init__(self, engine_path: Path):
+        import tensorrt as trt
+
+        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(engine_path.read_bytes())
+        if self.engine is None:
+            raise FedrecError(f"TensorRT cannot load the engine {engine_path}",
+                              hint="An engine runs only with the TensorRT version and GPU it was built for; rebuild it here.")
+        self.context = self.engine.create_execution_context()
+
+    def embed(self, input_ids, attention_mask):
+        import numpy as np
+        import torch
+
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        on_gpu = {name: torch.as_tensor(np.asarray(v, dtype=np.int64)).cuda() for name, v in inputs.items()}
+        for name, tensor in on_gpu.items():
+            self.context.set_input_shape(name, tuple(tensor.shape))
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        output = torch.empty(tuple(self.context.get_tensor_shape("embedding")), dtype=torch.float32, device="cuda")
+        self.context.set_tensor_address("embedding", output.data_ptr())
+        stream = torch.cuda.current_stream()
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise FedrecError("TensorRT failed to run the engine")
+        stream.synchronize()
+        return output.cpu().numpy()

@@ -256,11 +256,47 @@ def test_tensorrt_without_a_gpu_is_a_clear_error(student_dir, catalog, tmp_path)
     assert not (tmp_path / "trt").exists(), "nothing half-written"
 
 
+def test_fp16_encoder_for_gpus_keeps_float32_io_and_matches_fp32(student_dir, bundle, catalog, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    gpu_bundle = export_bundle(student_dir, catalog, tmp_path / "fp16", int8=False, fp16=True)
+    assert verify_bundle(gpu_bundle)["model"]["onnx"] == {"fp32": "encoder.fp32.onnx", "fp16": "encoder.fp16.onnx"}
+    graph = onnx.load(str(gpu_bundle / "encoder.fp16.onnx")).graph
+    weights = [w for w in graph.initializer if len(w.dims) == 2]
+    assert weights and all(w.data_type == onnx.TensorProto.FLOAT16 for w in weights)
+    assert [i.type.tensor_type.elem_type for i in graph.input] == [onnx.TensorProto.INT64] * 2
+    assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+    fp16, fp32 = EdgeModel(gpu_bundle, "fp16"), EdgeModel(bundle, "fp32")
+    texts = [context_text([], q) for q in queries(catalog)]
+    cosine = (fp16.embed(texts) * fp32.embed(texts)).sum(1)
+    assert cosine.min() >= 0.999, cosine.min()
+    overlap = [len({r.item_id for r in a} & {r.item_id for r in b}) / 10
+               for a, b in zip(fp16.search_batch(queries(catalog)), fp32.search_batch(queries(catalog)))]
+    assert np.mean(overlap) >= 0.9, np.mean(overlap)
+    with pytest.raises(BundleError, match="no fp16 model.*--fp16"):
+        EdgeModel(bundle, "fp16")
+    for device, provider in (("cuda", "CUDAExecutionProvider"), ("tensorrt", "TensorrtExecutionProvider")):
+        if provider not in ort.get_available_providers():
+            with pytest.raises(BundleError, match=f"{provider} is not available.*onnxruntime-gpu"):
+                EdgeModel(gpu_bundle, "fp16", device)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="TensorRT needs an NVIDIA GPU; none is present")
-def test_tensorrt_engine_builds_on_a_gpu(student_dir, catalog, tmp_path):
+def test_tensorrt_engine_builds_on_a_gpu_and_matches_onnx_runtime(student_dir, bundle, catalog, tmp_path):
     pytest.importorskip("tensorrt", reason="the tensorrt extra is not installed")
+    from fedrec.export.tensorrt import Engine
+
     folder = export_bundle(student_dir, catalog, tmp_path / "trt", tensorrt=True)
-    assert (folder / "encoder.fp16.plan").stat().st_size > 0
+    assert verify_bundle(folder)["model"]["tensorrt_engine"] == "encoder.fp16.plan"
+    cpu = EdgeModel(bundle, "fp32")
+    encodings = cpu.tokenizer.encode_batch([context_text([], q) for q in queries(catalog)])
+    ids = np.array([e.ids for e in encodings])
+    mask = np.array([e.attention_mask for e in encodings])
+    reference = cpu.session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+    cosine = (Engine(folder / "encoder.fp16.plan").embed(ids, mask) * reference).sum(1)
+    assert cosine.min() >= 0.999, cosine.min()
 
 
 def test_the_teacher_exports_too_with_adapters_merged(tiny_encoder, catalog, tmp_path):

@@ -385,27 +385,32 @@ def export_command(
     out: Path = typer.Option(..., "--out", help="Bundle folder."),
     data: Path = typer.Option(..., "--data", help="Prepared dataset: its catalog becomes the bundle's items."),
     int8: bool = typer.Option(True, help="Also write the INT8 (dynamic quantization) encoder."),
-    tensorrt: bool = typer.Option(False, help="Also build an FP16 TensorRT engine (NVIDIA GPU + tensorrt extra)."),
+    fp16: bool = typer.Option(False, help="Also write the FP16 encoder, for GPUs (ONNX Runtime CUDA / TensorRT)."),
+    tensorrt: bool = typer.Option(False, help="Also build a TensorRT engine from the FP16 encoder (NVIDIA GPU + tensorrt extra)."),
     tar: bool = typer.Option(False, help="Also write OUT.tar.gz."),
     metrics: Optional[Path] = typer.Option(None, help="Evaluation JSON (`fedrec evaluate --json`) to record."),
     int8_index: bool = typer.Option(False, help="Also write an int8 item index (for catalogs of ~100k items and more)."),
 ) -> None:
-    """Build an edge bundle: ONNX FP32/INT8, tokenizer, item embeddings, signed-by-hash manifest."""
+    """Build an edge bundle: ONNX FP32/INT8 (FP16, TensorRT for GPUs), tokenizer, item embeddings, hashed manifest."""
     from fedrec.data.silo import Catalog
     from fedrec.export.bundle import export_bundle
 
     checkpoint = model / "final" if (model / "final").is_dir() else model
     recorded = json.loads(metrics.read_text()) if metrics else None
     folder = export_bundle(checkpoint, Catalog.load(data / "catalog.parquet"), out, int8, tensorrt, tar, recorded,
-                           int8_index)
+                           int8_index, fp16)
     typer.echo(f"bundle {folder}" + (f" and {folder}.tar.gz" if tar else ""))
 
 
-def _edge(bundle: Path, precision: str):
+PRECISION = typer.Option("int8", help="int8 or fp32 (any bundle); fp16 (bundles exported with --fp16 or --tensorrt).")
+DEVICE = typer.Option("cpu", help="cpu; cuda or tensorrt through ONNX Runtime's GPU providers (onnxruntime-gpu).")
+
+
+def _edge(bundle: Path, precision: str, device: str):
     from fedrec.edge_runtime import BundleError, EdgeModel
 
     try:
-        return EdgeModel(bundle, precision)
+        return EdgeModel(bundle, precision, device)
     except BundleError as exc:
         raise FedrecError(str(exc)) from exc
 
@@ -419,9 +424,9 @@ def _print_results(results) -> None:
 @app.command()
 def recommend(bundle: Path = typer.Argument(..., help="Bundle folder or .tar.gz."),
               history: str = typer.Option(..., help="Comma-separated item ids, newest first."),
-              k: int = typer.Option(10, min=1, max=100), precision: str = typer.Option("int8", help="int8 or fp32.")) -> None:
+              k: int = typer.Option(10, min=1, max=100), precision: str = PRECISION, device: str = DEVICE) -> None:
     """Recommendations for a purchase history, from a bundle (no torch needed)."""
-    model = _edge(bundle, precision)
+    model = _edge(bundle, precision, device)
     ids = [i.strip() for i in history.split(",") if i.strip()]
     _, unknown = model.known(ids)
     if unknown:
@@ -432,19 +437,19 @@ def recommend(bundle: Path = typer.Argument(..., help="Bundle folder or .tar.gz.
 @app.command()
 def search(bundle: Path = typer.Argument(..., help="Bundle folder or .tar.gz."),
            query: str = typer.Argument(..., help="What the customer typed."),
-           k: int = typer.Option(10, min=1, max=100), precision: str = typer.Option("int8", help="int8 or fp32.")) -> None:
+           k: int = typer.Option(10, min=1, max=100), precision: str = PRECISION, device: str = DEVICE) -> None:
     """Search the catalog with a bundle (no torch needed)."""
-    _print_results(_edge(bundle, precision).search(query, k))
+    _print_results(_edge(bundle, precision, device).search(query, k))
 
 
 @app.command()
 def serve(bundle: Path = typer.Argument(..., help="Bundle folder or .tar.gz."),
           host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8080),
-          precision: str = typer.Option("int8", help="int8 or fp32.")) -> None:
+          precision: str = PRECISION, device: str = DEVICE) -> None:
     """HTTP JSON API: /health, /recommend, /search, /similar."""
     from fedrec.edge_runtime.server import make_server
 
-    server = make_server(_edge(bundle, precision), host, port)
+    server = make_server(_edge(bundle, precision, device), host, port)
     typer.echo(f"serving {bundle} on http://{host}:{server.server_address[1]} (Ctrl-C to stop)")
     try:
         server.serve_forever()
