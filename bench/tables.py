@@ -119,6 +119,8 @@ def main() -> None:
                 "| one query, one thread | p50 ms | p99 ms |", "|---|---|---|"]
         out += [f"| {name} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} |" for name, v in edge["latency_one_thread"].items()]
         floor = edge["student_flop_floor"]
+        out += ["", "One query is one `recommend` call (k=10) for a test user's last 10 items. Timing: "
+                    + edge.get("latency_method", "each variant in its own block of 300 calls") + "."]
         out += ["", f"Student INT8 vs teacher torch eager (p50): {edge['speedup_student_int8_vs_teacher_torch']:.1f}× faster. "
                     f"Student FLOP floor at {floor['mean_context_tokens']} tokens: {floor['floor_ms']:.3f} ms "
                     f"({floor['peak_gflops_one_thread']:.1f} GFLOP/s one-thread matmul peak); INT8 p50 is "
@@ -144,6 +146,19 @@ def main() -> None:
                 "|---|" + "---|" * len(next(iter(edge["bundle_bytes"].values())))]
         out += [f"| {name} | " + " | ".join(f"{b:,}" for b in sizes.values()) + " |" for name, sizes in edge["bundle_bytes"].items()]
         out.append("")
+    gpu = load("gpu")
+    out += ["## GPU: TensorRT and ONNX Runtime CUDA (issue 6: `bench/gpu_checks.py`)", ""]
+    if gpu is None:
+        out.append("Not run yet: no session so far has had a GPU with TensorRT and onnxruntime-gpu.")
+    else:
+        out += [machine_line(gpu), "", "| path | min cosine vs CPU FP32 | "
+                + " | ".join(f"texts/s at batch {b}" for b in ("1", "8", "64")) + " |", "|---|---|---|---|---|"]
+        for name, v in gpu.items():
+            if isinstance(v, dict) and "texts_per_second" in v:
+                out.append(f"| {name} | {v['min_cosine_vs_cpu_fp32']:.5f} | "
+                           + " | ".join(f"{v['texts_per_second'][b]:,.0f}" for b in ("1", "8", "64")) + " |")
+            elif name.startswith(("ORT", "tensorrt")):
+                out.append(f"| {name} | {v} | | | |")
     print("\n".join(out))
 
 

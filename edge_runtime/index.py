@@ -35,15 +35,16 @@ class Index(ItemIndex):
         self.vectors = vectors.astype(np.float32)
 
     def search(self, queries: np.ndarray, k: int, exclude: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        scores = queries.astype(np.float32) @ self.vectors.T
+        scores = np.asarray(queries, dtype=np.float32) @ self.vectors.T
         if exclude:
             for row, items in enumerate(exclude):
                 scores[row, items] = -np.inf
-        k = min(k, scores.shape[1])
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        order = np.take_along_axis(scores, top, 1).argsort(axis=1)[:, ::-1]
-        top = np.take_along_axis(top, order, 1)
-        return top, np.take_along_axis(scores, top, 1)
+        n = scores.shape[1]
+        k = min(k, n)
+        top = np.argpartition(scores, n - k, axis=1)[:, n - k:]
+        best = np.take_along_axis(scores, top, 1)
+        order = np.argsort(-best, axis=1, kind="stable")
+        return np.take_along_axis(top, order, 1), np.take_along_axis(best, order, 1)
 
 
 class QuantizedIndex(ItemIndex):

@@ -16,6 +16,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from fedrec.edge_runtime.bundle import BundleError, open_bundle
+from fedrec.edge_runtime.context_tokens import ContextTokens
 from fedrec.edge_runtime.index import Index, ItemIndex, QuantizedIndex
 from fedrec.text import context_text
 
@@ -60,11 +61,15 @@ class EdgeModel:
         self.session = ort.InferenceSession(str(self.folder / files[precision]), options, providers=wanted)
         self.tokenizer = Tokenizer.from_file(str(self.folder / model["tokenizer"]))
         self.max_context_tokens = model["max_context_tokens"]
+        self.tokenizer.enable_truncation(max_length=self.max_context_tokens)
+        self.pad_id = (self.tokenizer.padding or {}).get("pad_id", 0)
+        self.tokenizer.no_padding()                     # `embed_ids` pads, for texts and cached ids alike
         self.context_items = model["context_items"]
         catalog = json.loads((self.folder / model["items"]).read_text())
         self.item_ids: list[str] = catalog["item_ids"]
         self.titles: list[str] = catalog["titles"]
         self.position = {item: i for i, item in enumerate(self.item_ids)}
+        self.context_tokens = ContextTokens(self.tokenizer, self.titles, self.max_context_tokens, self.context_items)
         self.index = self.load_index(model, index)
 
     def load_index(self, model: dict, kind: str) -> ItemIndex:
@@ -80,37 +85,46 @@ class EdgeModel:
 
     # -- encoding --------------------------------------------------------------------------
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        self.tokenizer.enable_truncation(max_length=self.max_context_tokens)
-        encodings = self.tokenizer.encode_batch(list(texts))
-        ids = np.array([e.ids for e in encodings], dtype=np.int64)
-        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        return self.embed_ids([e.ids for e in self.tokenizer.encode_batch(list(texts))])
+
+    def embed_ids(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+        """Embeddings of token id sequences, padded to the longest."""
+        ids = np.full((len(sequences), max(map(len, sequences))), self.pad_id, dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for row, sequence in enumerate(sequences):
+            ids[row, :len(sequence)] = sequence
+            mask[row, :len(sequence)] = 1
         return self.session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+
+    def embed_histories(self, histories: Sequence[Sequence[int]]) -> np.ndarray:
+        """Users from catalog positions, newest first (`context_tokens` skips re-tokenizing titles)."""
+        if self.context_tokens.usable:
+            return self.embed_ids([self.context_tokens.ids(h) for h in histories])
+        return self.embed([self.context_tokens.text(h) for h in histories])
 
     def known(self, item_ids: Sequence[str]) -> tuple[list[int], list[str]]:
         """Catalog positions of the known ids, and the unknown ids (reported, then ignored)."""
         positions = [self.position[i] for i in item_ids if i in self.position]
         return positions, [i for i in item_ids if i not in self.position]
 
-    def results(self, top: np.ndarray, scores: np.ndarray) -> list[Result]:
-        return [Result(self.item_ids[i], self.titles[i], float(s)) for i, s in zip(top, scores)]
+    def results(self, top: np.ndarray, scores: np.ndarray, because: Sequence[str | None] | None = None) -> list[Result]:
+        because = because or [None] * len(top)
+        return [Result(self.item_ids[i], self.titles[i], float(s), b) for i, s, b in zip(top, scores, because)]
 
     # -- the API ---------------------------------------------------------------------------
     def recommend_batch(self, histories: Sequence[Sequence[str]], k: int = 10,
                         exclude_history: bool = True) -> list[list[Result]]:
         """For each history (item ids, newest first): the top k items and why."""
         known = [self.known(h)[0] for h in histories]
-        texts = [context_text([self.titles[i] for i in positions], "", self.context_items) for positions in known]
-        users = self.embed(texts)
+        users = self.embed_histories(known)
         top, scores = self.index.search(users, k, [np.array(p, dtype=np.int64) for p in known] if exclude_history else None)
         out = []
         for positions, items, values in zip(known, top, scores):
-            results = self.results(items, values)
+            because = None
             if positions:
-                history = self.index.vectors[positions]
-                contribution = self.index.vectors[items] @ history.T          # k × history
-                results = [Result(r.item_id, r.title, r.score, self.titles[positions[int(c.argmax())]])
-                           for r, c in zip(results, contribution)]
-            out.append(results)
+                contribution = self.index.vectors[items] @ self.index.vectors[positions].T    # k × history
+                because = [self.titles[positions[c]] for c in contribution.argmax(1)]
+            out.append(self.results(items, values, because))
         return out
 
     def recommend(self, history_item_ids: Sequence[str], k: int = 10, exclude_history: bool = True) -> list[Result]:

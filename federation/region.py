@@ -78,7 +78,7 @@ def train_round(settings: RegionSettings, config: FedrecConfig, adapters: State,
     if not settings.budget.enabled:
         return _train_round(settings, config, adapters, server_round, run, None)
     privacy = RegionPrivacy(settings.region, settings.budget, settings.state_dir)
-    with privacy.exclusive():
+    with privacy.exclusive(timeout=config.federation.round_timeout):     # the server waits no longer
         return _train_round(settings, config, adapters, server_round, run, privacy)
 
 

@@ -160,7 +160,8 @@ def audit(paths: list[str | Path], bundle: str | Path | None = None) -> AuditRep
         if not any(found for _, found in chain):
             raise FedrecError(f"{bundle} carries no privacy claim",
                               hint="Pass a bundle, a student or a teacher checkpoint made from a DP run.")
-        claims.extend((source, found) for source, found in chain if found)
+        given = {Path(source).resolve() for source, _ in claims}       # a claim is checked once
+        claims.extend((source, found) for source, found in chain if found and Path(source).resolve() not in given)
     if not ledgers:
         raise FedrecError("no ledger found", hint=f"Pass region state folders or {LEDGER_FILE} files.")
     report = AuditReport({})

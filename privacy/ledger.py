@@ -12,13 +12,14 @@ import fcntl
 import hashlib
 import json
 import os
+import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
 import fedrec
-from fedrec.atomic import fsync_dir, write_failed
+from fedrec.atomic import atomic_file, fsync_dir, write_failed
 from fedrec.errors import FedrecError
 
 GENESIS = "0" * 64
@@ -64,10 +65,16 @@ class Ledger:
 
     def entries(self) -> list[LedgerEntry]:
         """All entries, verified: each must name the hash of the line before it."""
-        if not self.path.exists():
-            return []
+        text = self.path.read_text() if self.path.exists() else ""
+        if text and not text.endswith("\n"):
+            raise LedgerError(f"{self.path}: the last entry is incomplete (its write was cut off)",
+                              hint=f"`fedrec privacy repair-ledger {self.path}` cuts off a torn last entry and "
+                                   "verifies the rest; the update it was written for never left the region")
+        return self._verified(text.splitlines())
+
+    def _verified(self, lines: list[str]) -> list[LedgerEntry]:
         entries, prev = [], GENESIS
-        for number, line in enumerate(self.path.read_text().splitlines(), start=1):
+        for number, line in enumerate(lines, start=1):
             try:
                 entry = LedgerEntry(**json.loads(line))
             except (ValueError, TypeError) as exc:
@@ -89,20 +96,76 @@ class Ledger:
         return line_hash(lines[-1]) if lines else GENESIS
 
     @contextmanager
-    def lock(self) -> Iterator[None]:
-        """Exclusive across processes: one spend at a time sees and extends the same history."""
+    def lock(self, timeout: float | None = None) -> Iterator[None]:
+        """Exclusive across processes: one spend at a time sees and extends the same history.
+        With a `timeout` (seconds), a LedgerError naming the holding process ends the wait."""
         lock_path = self.path.with_name(self.path.name + ".lock")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            handle = open(lock_path, "a")
+            handle = open(lock_path, "a+")
         except OSError as exc:
             raise write_failed(lock_path, exc) from exc
         with handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | (0 if deadline is None else fcntl.LOCK_NB))
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        holder = lock_path.read_text().strip() or "unknown"
+                        raise LedgerError(f"{self.path} is still locked by another round (process {holder}) "
+                                          f"after {timeout:g}s", hint="That round may hang; nothing was spent "
+                                          "by this one. Stop the holding process if it is stuck.") from None
+                    time.sleep(0.05)
+            handle.truncate(0)                          # who holds it, for the message above
+            handle.write(str(os.getpid()))
+            handle.flush()
             try:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def repair(self) -> str:
+        """Cut off a torn last entry, the trace of a process killed inside `append`'s write, and say
+        what was done. Only that: any other damage is left for `fedrec audit` to report.
+
+        Cutting it under-counts nothing: `append` returns only once the whole line is synced, and
+        the update is released only after that, so a torn entry's update never left the region.
+        A last entry that is whole but lacks its newline is kept (the newline is added)."""
+        with self.lock():
+            data = self.path.read_bytes() if self.path.exists() else b""
+            if not data or data.endswith(b"\n"):
+                return f"{self.path}: intact, {len(self.entries())} entries; nothing to repair"
+            cut = data.rfind(b"\n") + 1
+            try:
+                entries = self._verified(data[:cut].decode().splitlines())   # raises on any other damage
+            except UnicodeDecodeError as exc:
+                raise LedgerError(f"{self.path}: not UTF-8 text before its last line ({exc})") from exc
+            tail = data[cut:]
+            try:
+                whole = len(self._verified(data.decode().splitlines())) == len(entries) + 1
+            except (LedgerError, UnicodeDecodeError):
+                whole = False
+            try:
+                with open(self.path, "r+b") as handle:
+                    if whole:
+                        handle.seek(0, os.SEEK_END)
+                        handle.write(b"\n")
+                    else:
+                        kept = self.path.with_name(f"{self.path.name}.torn-{time.strftime('%Y%m%dT%H%M%S')}")
+                        with atomic_file(kept, "wb") as out:
+                            out.write(tail)
+                        handle.truncate(cut)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                fsync_dir(self.path.parent)
+            except OSError as exc:
+                raise write_failed(self.path, exc) from exc
+            if whole:
+                return f"{self.path}: the last entry was whole but had no newline; added it ({len(entries) + 1} entries)"
+            return (f"{self.path}: cut off a torn last entry of {len(tail)} bytes (kept in {kept.name}); "
+                    f"{len(entries)} entries verify")
 
     def append(self, **fields) -> LedgerEntry:
         """Verify, append one entry, and fsync file and folder before returning."""

@@ -38,10 +38,11 @@ class RegionPrivacy:
         self.region, self.budget = region, budget
         self.ledger = Ledger(Path(state_dir) / LEDGER_FILE)
 
-    def exclusive(self):
+    def exclusive(self, timeout: float | None = None):
         """Hold across plan → train → record: a second round arriving meanwhile (a late one and
-        the next, or two processes) waits, so no two plans are made on the same history."""
-        return self.ledger.lock()
+        the next, or two processes) waits, so no two plans are made on the same history. It waits
+        `timeout` seconds at most, then fails without spending."""
+        return self.ledger.lock(timeout)
 
     def spent(self) -> float:
         return opacus_epsilon(segments(self.ledger.entries()), self.budget.delta, self.budget.accountant)

@@ -90,6 +90,9 @@ def test_distillation_raises_agreement_and_records_provenance(tiny_encoder, cata
 
     report = audit([tmp_path / "eu"], bundle=tmp_path / "student")
     assert report.ok and [c["source"].split("/")[-1] for c in report.claims_checked] == ["student.json", "teacher.json"]
+    # the teacher given as a path and reached through the student's link is one claim, checked once
+    both = audit([tmp_path / "eu", tmp_path / "teacher"], bundle=tmp_path / "student")
+    assert both.ok and [c["source"].split("/")[-1] for c in both.claims_checked] == ["teacher.json", "student.json"]
     # a ledger that no longer holds the claimed entry breaks the student's claim too
     privacy.ledger.path.write_text("")
     broken = audit([tmp_path / "eu"], bundle=tmp_path / "student")

@@ -82,23 +82,48 @@ def test_runtime_results_equal_a_direct_computation_from_the_files(bundle, catal
     model = EdgeModel(bundle, "fp32")
     items = np.load(bundle / "items.npy").astype(np.float32)
     names = json.loads((bundle / "items.json").read_text())
-    history = [names["item_ids"][3], names["item_ids"][8]]
+    positions = [int(p) for p in np.argsort([-len(t) for t in names["titles"]])[:10]]    # the longest titles:
+    history = [names["item_ids"][p] for p in positions]                                  # cut at the token limit
     tokenizer = Tokenizer.from_file(str(bundle / "tokenizer.json"))
-    encoding = tokenizer.encode(context_text([names["titles"][3], names["titles"][8]]))
+    encoding = tokenizer.encode(context_text([names["titles"][p] for p in positions]))
+    assert len(encoding.ids) == verify_bundle(bundle)["model"]["max_context_tokens"]
     session = ort.InferenceSession(str(bundle / "encoder.fp32.onnx"))
     user = session.run(None, {"input_ids": np.array([encoding.ids]), "attention_mask": np.array([encoding.attention_mask])})[0][0]
     scores = items @ user
-    scores[[3, 8]] = -np.inf
+    scores[positions] = -np.inf
     expected = np.argsort(-scores)[:5]
     results = model.recommend(history, 5)
     assert [r.item_id for r in results] == [names["item_ids"][i] for i in expected]
     np.testing.assert_allclose([r.score for r in results], scores[expected], rtol=1e-5)
     for r in results:
         i = names["item_ids"].index(r.item_id)
-        best = max((3, 8), key=lambda h: float(items[i] @ items[h]))
+        best = max(positions, key=lambda h: float(items[i] @ items[h]))
         assert r.because == names["titles"][best]
     similar = model.similar(names["item_ids"][0], 3)
     assert names["item_ids"][0] not in [r.item_id for r in similar]
+
+
+def test_context_tokens_from_cached_titles_equal_tokenizing_the_context(bundle, catalog):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from fedrec.edge_runtime.context_tokens import ContextTokens
+
+    model = EdgeModel(bundle)
+    assert model.context_tokens.usable, "WordPiece with BERT's pre-tokenizer splits at the separator"
+    rng = np.random.default_rng(3)
+    histories = [list(rng.choice(len(catalog), rng.integers(0, 14), replace=False)) for _ in range(300)]
+    cut = 0
+    for history in histories:
+        expected = model.tokenizer.encode(model.context_tokens.text(history)).ids
+        assert model.context_tokens.ids(history) == expected, history
+        cut += len(expected) == model.max_context_tokens
+    assert cut > 50, "the length limit was exercised"
+
+    # byte-level BPE marks a word after a space differently: the shortcut must turn itself off
+    byte_level = Tokenizer(models.BPE())
+    byte_level.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level.train_from_iterator(catalog.titles, trainers.BpeTrainer(vocab_size=400, show_progress=False))
+    assert not ContextTokens(byte_level, catalog.titles, 64, 10).usable
 
 
 def test_manifest_describes_the_bundle(bundle, student_dir):

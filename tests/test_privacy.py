@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from fedrec.data.silo import load_dataset
 from fedrec.errors import FedrecError
 from fedrec.model.teacher import Teacher
 from fedrec.privacy.accountant import noise_for_budget, opacus_epsilon, pld_epsilon
+from fedrec.privacy.audit import audit
 from fedrec.privacy.budget import RegionBudget
 from fedrec.privacy.dp_sgd import DPPlan, train_private
 from fedrec.privacy.ledger import Ledger, LedgerError
@@ -132,6 +135,7 @@ def test_derived_sigma_meets_the_budget_over_the_whole_run():
 
 SPEND_ONE_ROUND = """
 import sys
+import time
 from fedrec.privacy.budget import RegionBudget
 from fedrec.privacy.spend import RegionPrivacy, segments
 privacy = RegionPrivacy("eu", RegionBudget(epsilon=50, delta=1e-5), sys.argv[1])
@@ -195,6 +199,18 @@ def test_two_rounds_at_once_in_one_region_are_serialised(tmp_path):
     assert entries[1].epsilon == pytest.approx(opacus_epsilon(segments(entries), 1e-5), rel=1e-9)
 
 
+def test_a_round_waits_for_a_held_ledger_only_so_long_and_names_the_holder(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    with ledger.lock():                      # a hung round holding the region's spend lock
+        started = time.monotonic()
+        with pytest.raises(LedgerError, match=f"still locked by another round \\(process {os.getpid()}\\) after 0.3s"):
+            with Ledger(tmp_path / "ledger.jsonl").lock(timeout=0.3):
+                pytest.fail("two holders at once")
+        assert time.monotonic() - started >= 0.3
+    with ledger.lock(timeout=0.3):           # released: the next round gets it at once
+        assert (tmp_path / "ledger.jsonl.lock").read_text() == str(os.getpid())
+
+
 def test_tampered_ledgers_are_detected(tmp_path):
     privacy = RegionPrivacy("eu", RegionBudget(epsilon=50, delta=1e-5, noise_multiplier=1.0), tmp_path)
     for r in (1, 2, 3):
@@ -215,3 +231,40 @@ def test_tampered_ledgers_are_detected(tmp_path):
     assert "entry 2" in broken("\n".join([lines[0], lines[2], lines[1]]) + "\n")
     assert "entry 1" in broken("\n".join(lines[1:]) + "\n")
     assert "entry 3" in broken("\n".join(lines[:2] + [lines[2][:40]]) + "\n")
+
+
+def test_a_torn_last_entry_fails_closed_until_repaired_and_repair_cuts_only_that(tmp_path):
+    privacy = RegionPrivacy("eu", RegionBudget(epsilon=50, delta=1e-5, noise_multiplier=1.0), tmp_path)
+    for r in (1, 2, 3):
+        privacy.record(privacy.plan_round(400, 40, 1, 3), "run", r)
+    path, whole = privacy.ledger.path, privacy.ledger.path.read_bytes()
+    two = whole[:whole.rindex(b"\n", 0, len(whole) - 1) + 1]
+    spent_after_two = opacus_epsilon(segments(Ledger(path).entries()[:2]), 1e-5)
+
+    def repair():
+        return subprocess.run([sys.executable, "-m", "fedrec.tools", "privacy", "repair-ledger", str(tmp_path)],
+                              capture_output=True, text=True)
+
+    path.write_bytes(whole[:-25])                    # killed inside the write of entry 3
+    with pytest.raises(LedgerError, match="last entry is incomplete.*repair-ledger"):
+        Ledger(path).entries()
+    with pytest.raises(LedgerError, match="incomplete"):
+        privacy.record(privacy.plan_round(400, 40, 1, 3), "run", 4)
+    assert path.read_bytes() == whole[:-25], "nothing appended after a torn entry"
+    assert not audit([tmp_path]).ok
+
+    fixed = repair()
+    assert fixed.returncode == 0 and "cut off a torn last entry of" in fixed.stdout, fixed.stderr
+    assert path.read_bytes() == two
+    assert [p.read_bytes() for p in tmp_path.glob("ledger.jsonl.torn-*")] == [whole[len(two):-25]]
+    assert audit([tmp_path]).ok and privacy.spent() == pytest.approx(spent_after_two, rel=1e-9)
+    assert "nothing to repair" in repair().stdout
+
+    path.write_bytes(whole[:-1])                     # whole entry, newline lost: kept and counted
+    assert "added it (3 entries)" in repair().stdout and path.read_bytes() == whole
+
+    damaged = whole.replace(b'"round":1', b'"round":7', 1)[:-25]   # other damage is never "repaired"
+    path.write_bytes(damaged)
+    refused = repair()
+    assert refused.returncode != 0 and "entry 1" in refused.stderr + refused.stdout
+    assert path.read_bytes() == damaged

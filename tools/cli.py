@@ -338,6 +338,17 @@ def privacy_plan(users: int = typer.Option(...), batch: int = typer.Option(32), 
         typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW)
 
 
+@privacy_app.command("repair-ledger")
+def privacy_repair_ledger(path: Path = typer.Argument(..., help="A region state folder or its ledger.jsonl.")) -> None:
+    """Cut off a torn last ledger entry (a process killed while writing it); refuses any other damage."""
+    from fedrec.privacy.ledger import LEDGER_FILE, Ledger
+
+    ledger = Ledger(path / LEDGER_FILE if path.is_dir() else path)
+    if not ledger.path.is_file():
+        raise FedrecError(f"{ledger.path} does not exist", hint="Pass a region state folder or its ledger file.")
+    typer.echo(ledger.repair())
+
+
 @app.command()
 def demo(
     source: Path = typer.Option(DEFAULT_SOURCE, help="UCI Online Retail file."),
