@@ -28,6 +28,9 @@ from fedrec.model.teacher import Teacher
 from fedrec.tools.loadtest import mixed_calls, run_load, serving
 
 
+PASSES = 5            # this machine shares its host: its speed drifts from minute to minute
+
+
 def percentiles(seconds: list[float]) -> dict:
     ms = np.array(seconds) * 1000
     return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "calls": len(ms)}
@@ -107,7 +110,11 @@ def main(teacher_dir: str, student_dir: str) -> None:
         for precision in ("fp32", "int8"):
             calls[f"{name} ORT {precision}"] = EdgeModel(bundle, precision, threads=1).recommend
         sizes[name] = {f: info["bytes"] for f, info in json.loads((bundle / "manifest.json").read_text())["files"].items()}
-    latency = timed_together(calls, histories)
+    passes = [timed_together(calls, histories) for _ in range(PASSES)]
+    latency = {name: {"p50_ms": float(np.median([p[name]["p50_ms"] for p in passes])),
+                      "p99_ms": float(np.median([p[name]["p99_ms"] for p in passes])),
+                      "p50_ms_per_pass": [p[name]["p50_ms"] for p in passes]} for name in calls}
+    speedups = [p["teacher torch eager"]["p50_ms"] / p["student ORT int8"]["p50_ms"] for p in passes]
     manifest = json.loads((bundles["student"] / "manifest.json").read_text())
     model = EdgeModel(bundles["student"], "int8", threads=1)
     tokens = int(np.mean([len(model.tokenizer.encode(model_text).ids) for model_text in
@@ -133,9 +140,11 @@ def main(teacher_dir: str, student_dir: str) -> None:
     queries = [catalog.titles[i].lower()[:30] for i in rng.choice(len(catalog), 200, replace=False)]
     save(f"edge-{Path(student_dir).name}", {
         "latency_one_thread": latency,
-        "latency_method": "blocks of 25 histories rotating through the variants, 12 rounds, "
-                          "one untimed call before each block",
-        "speedup_student_int8_vs_teacher_torch": latency["teacher torch eager"]["p50_ms"] / latency["student ORT int8"]["p50_ms"],
+        "latency_method": f"{PASSES} passes over {len(histories)} test histories, each in blocks of 25 "
+                          "rotating through the variants with one untimed call before each block; p50 and "
+                          "p99 are the median over the passes",
+        "speedup_student_int8_vs_teacher_torch": float(np.median(speedups)),
+        "speedup_per_pass": speedups,
         "student_flop_floor": {"mean_context_tokens": tokens, "flops": student_flops(manifest, tokens),
                                "peak_gflops_one_thread": peak, "floor_ms": floor_ms,
                                "int8_p50_over_floor": latency["student ORT int8"]["p50_ms"] / floor_ms},
