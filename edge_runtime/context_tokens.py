@@ -11,6 +11,7 @@ tokenizer itself on real catalog histories when the bundle loads; where it does 
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Sequence
 
 from tokenizers import Tokenizer
@@ -18,13 +19,14 @@ from tokenizers import Tokenizer
 from fedrec.text import context_text
 
 CHECKED_HISTORIES = 40
+CACHED_TITLES = 50_000      # the most recently used titles' ids: tens of MB at most, for any catalog
 
 
 class ContextTokens:
     def __init__(self, tokenizer: Tokenizer, titles: Sequence[str], max_tokens: int, max_items: int):
         self.tokenizer, self.titles = tokenizer, titles
         self.max_tokens, self.max_items = max_tokens, max_items
-        self.cache: dict[int, list[int]] = {}
+        self.title_ids = lru_cache(maxsize=CACHED_TITLES)(self._title_ids)
         word = self.tokenizer.encode("x", add_special_tokens=False).ids
         marked = self.tokenizer.encode("x").ids
         start = next((i for i in range(len(marked)) if marked[i:i + len(word)] == word), None)
@@ -47,10 +49,8 @@ class ContextTokens:
         short = [[p, (p + 1) % n] for p in range(0, n, max(1, n // 10))]
         return (long + short + [[0], []])[:CHECKED_HISTORIES]
 
-    def title_ids(self, position: int) -> list[int]:
-        if position not in self.cache:
-            self.cache[position] = self.tokenizer.encode(self.titles[position], add_special_tokens=False).ids
-        return self.cache[position]
+    def _title_ids(self, position: int) -> list[int]:
+        return self.tokenizer.encode(self.titles[position], add_special_tokens=False).ids
 
     def ids(self, positions: Sequence[int]) -> list[int]:
         """What `tokenizer.encode(context_text(titles of positions)).ids` gives, with truncation."""
