@@ -123,7 +123,8 @@ def main() -> None:
         floor = edge["student_flop_floor"]
         out += ["", "One query is one `recommend` call (k=10) for a test user's last 10 items: the ORT rows are the "
                     "edge runtime (context token ids assembled from cached per-title ids, checked against the "
-                    "tokenizer at load; exact top-k with the history excluded; the \"because\" item), teacher torch "
+                    "tokenizer at load, the cache warm after the first pass as in a serving process; exact top-k "
+                    "with the history excluded; the \"because\" item), teacher torch "
                     "eager tokenizes the context text, encodes it and takes the top 10. Timing: "
                     + edge.get("latency_method", "each variant in its own block of 300 calls") + "."]
         per_pass = edge.get("speedup_per_pass")

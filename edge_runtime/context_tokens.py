@@ -47,7 +47,7 @@ class ContextTokens:
         n = len(self.titles)
         long = [[(start + 7 * i) % n for i in range(self.max_items)] for start in range(0, n, max(1, n // 20))]
         short = [[p, (p + 1) % n] for p in range(0, n, max(1, n // 10))]
-        return (long + short + [[0], []])[:CHECKED_HISTORIES]
+        return ([[0], []] + long + short)[:CHECKED_HISTORIES]
 
     def _title_ids(self, position: int) -> list[int]:
         return self.tokenizer.encode(self.titles[position], add_special_tokens=False).ids

@@ -87,14 +87,17 @@ class EdgeModel:
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         return self.embed_ids([e.ids for e in self.tokenizer.encode_batch(list(texts))])
 
-    def embed_ids(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
-        """Embeddings of token id sequences, padded to the longest."""
-        ids = np.full((len(sequences), max(map(len, sequences))), self.pad_id, dtype=np.int64)
+    def inputs(self, sequences: Sequence[Sequence[int]], length: int | None = None) -> dict[str, np.ndarray]:
+        """The encoder's inputs for token id sequences, padded to the longest (or to `length`)."""
+        ids = np.full((len(sequences), length or max(map(len, sequences))), self.pad_id, dtype=np.int64)
         mask = np.zeros_like(ids)
         for row, sequence in enumerate(sequences):
             ids[row, :len(sequence)] = sequence
             mask[row, :len(sequence)] = 1
-        return self.session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def embed_ids(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+        return self.session.run(None, self.inputs(sequences))[0]
 
     def embed_histories(self, histories: Sequence[Sequence[int]]) -> np.ndarray:
         """Users from catalog positions, newest first (`context_tokens` skips re-tokenizing titles)."""

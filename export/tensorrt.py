@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from fedrec.errors import FedrecError
 
 
@@ -19,8 +22,6 @@ def build_engine(onnx_path: Path, engine_path: Path, max_tokens: int, max_batch:
         import tensorrt as trt
     except ImportError as exc:
         raise FedrecError("TensorRT is not installed", hint="pip install 'fedrec[tensorrt]' on a machine with an NVIDIA GPU") from exc
-    import torch
-
     if not torch.cuda.is_available():
         raise FedrecError("TensorRT needs an NVIDIA GPU and none is visible", hint="Export without --tensorrt here.")
     logger = trt.Logger(trt.Logger.WARNING)
@@ -41,7 +42,6 @@ def build_engine(onnx_path: Path, engine_path: Path, max_tokens: int, max_batch:
     engine_path.write_bytes(bytes(engine))
 
 
-
 class Engine:
     """A built engine run with CUDA buffers from torch: how the GPU checks verify the engine itself
     against ONNX Runtime (serving goes through ONNX Runtime's providers instead)."""
@@ -49,25 +49,29 @@ class Engine:
     def __init__(self, engine_path: Path):
         import tensorrt as trt
 
+        self.trt = trt
         self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(engine_path.read_bytes())
         if self.engine is None:
             raise FedrecError(f"TensorRT cannot load the engine {engine_path}",
                               hint="An engine runs only with the TensorRT version and GPU it was built for; rebuild it here.")
         self.context = self.engine.create_execution_context()
+        self.stream = torch.cuda.Stream()
 
-    def embed(self, input_ids, attention_mask):
-        import numpy as np
-        import torch
-
+    def embed(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        on_gpu = {name: torch.as_tensor(np.asarray(v, dtype=np.int64)).cuda() for name, v in inputs.items()}
-        for name, tensor in on_gpu.items():
-            self.context.set_input_shape(name, tuple(tensor.shape))
-            self.context.set_tensor_address(name, tensor.data_ptr())
-        output = torch.empty(tuple(self.context.get_tensor_shape("embedding")), dtype=torch.float32, device="cuda")
-        self.context.set_tensor_address("embedding", output.data_ptr())
-        stream = torch.cuda.current_stream()
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise FedrecError("TensorRT failed to run the engine")
-        stream.synchronize()
-        return output.cpu().numpy()
+        with torch.cuda.stream(self.stream):                    # copies and the engine on one stream
+            on_gpu = {}
+            for name, values in inputs.items():
+                dtype = self.trt.nptype(self.engine.get_tensor_dtype(name))
+                on_gpu[name] = torch.from_numpy(np.ascontiguousarray(values, dtype=dtype)).cuda()
+                if not self.context.set_input_shape(name, tuple(on_gpu[name].shape)):
+                    raise FedrecError(f"TensorRT engine: {name} shape {tuple(values.shape)} is outside its "
+                                      f"optimisation profile {self.engine.get_tensor_profile_shape(name, 0)}")
+                self.context.set_tensor_address(name, on_gpu[name].data_ptr())
+            dtype = self.trt.nptype(self.engine.get_tensor_dtype("embedding"))
+            output = torch.from_numpy(np.empty(tuple(self.context.get_tensor_shape("embedding")), dtype=dtype)).cuda()
+            self.context.set_tensor_address("embedding", output.data_ptr())
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise FedrecError("TensorRT failed to run the engine")
+            result = output.cpu()                               # waits for the stream
+        return result.numpy().astype(np.float32)

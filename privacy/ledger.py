@@ -24,6 +24,7 @@ from fedrec.errors import FedrecError
 
 GENESIS = "0" * 64
 LEDGER_FILE = "ledger.jsonl"
+REPAIR_LOCK_WAIT = 30.0     # seconds a repair waits for a running round before it gives up
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,10 @@ class Ledger:
 
     def entries(self) -> list[LedgerEntry]:
         """All entries, verified: each must name the hash of the line before it."""
-        text = self.path.read_text() if self.path.exists() else ""
+        try:
+            text = self.path.read_text() if self.path.exists() else ""
+        except UnicodeDecodeError as exc:
+            raise LedgerError(f"{self.path}: not UTF-8 text ({exc})") from exc
         if text and not text.endswith("\n"):
             raise LedgerError(f"{self.path}: the last entry is incomplete (its write was cut off)",
                               hint=f"`fedrec privacy repair-ledger {self.path}` cuts off a torn last entry and "
@@ -98,7 +102,8 @@ class Ledger:
     @contextmanager
     def lock(self, timeout: float | None = None) -> Iterator[None]:
         """Exclusive across processes: one spend at a time sees and extends the same history.
-        With a `timeout` (seconds), a LedgerError naming the holding process ends the wait."""
+        With a `timeout` (seconds), a LedgerError naming the holding process ends the wait.
+        Not re-entrant: a holder that asks again waits for itself."""
         lock_path = self.path.with_name(self.path.name + ".lock")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,10 +118,14 @@ class Ledger:
                     break
                 except BlockingIOError:
                     if time.monotonic() >= deadline:
-                        holder = lock_path.read_text().strip() or "unknown"
-                        raise LedgerError(f"{self.path} is still locked by another round (process {holder}) "
-                                          f"after {timeout:g}s", hint="That round may hang; nothing was spent "
-                                          "by this one. Stop the holding process if it is stuck.") from None
+                        try:
+                            holder = lock_path.read_text().strip() or "unknown"
+                        except (OSError, UnicodeDecodeError):
+                            holder = "unknown"
+                        raise LedgerError(
+                            f"{self.path} is still locked by another round (last recorded holder: process "
+                            f"{holder}) after {timeout:g}s", hint="That round may hang; nothing was spent by "
+                            "this one. Stop the holding process if it is stuck.") from None
                     time.sleep(0.05)
             handle.truncate(0)                          # who holds it, for the message above
             handle.write(str(os.getpid()))
@@ -132,8 +141,9 @@ class Ledger:
 
         Cutting it under-counts nothing: `append` returns only once the whole line is synced, and
         the update is released only after that, so a torn entry's update never left the region.
-        A last entry that is whole but lacks its newline is kept (the newline is added)."""
-        with self.lock():
+        A last entry that is whole but lacks its newline is kept (the newline is added); one that
+        parses but does not follow the chain is not a torn write and is refused like other damage."""
+        with self.lock(timeout=REPAIR_LOCK_WAIT):
             data = self.path.read_bytes() if self.path.exists() else b""
             if not data or data.endswith(b"\n"):
                 return f"{self.path}: intact, {len(self.entries())} entries; nothing to repair"
@@ -144,16 +154,20 @@ class Ledger:
                 raise LedgerError(f"{self.path}: not UTF-8 text before its last line ({exc})") from exc
             tail = data[cut:]
             try:
-                whole = len(self._verified(data.decode().splitlines())) == len(entries) + 1
-            except (LedgerError, UnicodeDecodeError):
-                whole = False
+                json.loads(tail)
+            except ValueError:
+                whole = False                                   # torn: a cut line never parses
+            else:
+                self._verified(data.decode().splitlines())     # complete: it must verify, else refused
+                whole = True
             try:
                 with open(self.path, "r+b") as handle:
                     if whole:
                         handle.seek(0, os.SEEK_END)
                         handle.write(b"\n")
                     else:
-                        kept = self.path.with_name(f"{self.path.name}.torn-{time.strftime('%Y%m%dT%H%M%S')}")
+                        stamp = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+                        kept = self.path.with_name(f"{self.path.name}.torn-{stamp}")
                         with atomic_file(kept, "wb") as out:
                             out.write(tail)
                         handle.truncate(cut)

@@ -316,11 +316,9 @@ def test_tensorrt_engine_builds_on_a_gpu_and_matches_onnx_runtime(student_dir, b
     folder = export_bundle(student_dir, catalog, tmp_path / "trt", tensorrt=True)
     assert verify_bundle(folder)["model"]["tensorrt_engine"] == "encoder.fp16.plan"
     cpu = EdgeModel(bundle, "fp32")
-    encodings = cpu.tokenizer.encode_batch([context_text([], q) for q in queries(catalog)])
-    ids = np.array([e.ids for e in encodings])
-    mask = np.array([e.attention_mask for e in encodings])
-    reference = cpu.session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
-    cosine = (Engine(folder / "encoder.fp16.plan").embed(ids, mask) * reference).sum(1)
+    feed = cpu.inputs([e.ids for e in cpu.tokenizer.encode_batch([context_text([], q) for q in queries(catalog)])])
+    reference = cpu.session.run(None, feed)[0]
+    cosine = (Engine(folder / "encoder.fp16.plan").embed(feed["input_ids"], feed["attention_mask"]) * reference).sum(1)
     assert cosine.min() >= 0.999, cosine.min()
 
 

@@ -203,7 +203,8 @@ def test_a_round_waits_for_a_held_ledger_only_so_long_and_names_the_holder(tmp_p
     ledger = Ledger(tmp_path / "ledger.jsonl")
     with ledger.lock():                      # a hung round holding the region's spend lock
         started = time.monotonic()
-        with pytest.raises(LedgerError, match=f"still locked by another round \\(process {os.getpid()}\\) after 0.3s"):
+        holder = f"still locked by another round \\(last recorded holder: process {os.getpid()}\\) after 0.3s"
+        with pytest.raises(LedgerError, match=holder):
             with Ledger(tmp_path / "ledger.jsonl").lock(timeout=0.3):
                 pytest.fail("two holders at once")
         assert time.monotonic() - started >= 0.3
@@ -264,7 +265,10 @@ def test_a_torn_last_entry_fails_closed_until_repaired_and_repair_cuts_only_that
     assert "added it (3 entries)" in repair().stdout and path.read_bytes() == whole
 
     damaged = whole.replace(b'"round":1', b'"round":7', 1)[:-25]   # other damage is never "repaired"
-    path.write_bytes(damaged)
-    refused = repair()
-    assert refused.returncode != 0 and "entry 1" in refused.stderr + refused.stdout
-    assert path.read_bytes() == damaged
+    third = whole[len(two):-1]
+    forged = two + third.replace(json.loads(third)["prev_sha256"].encode(), b"0" * 64)   # whole, off the chain
+    for bad, entry in ((damaged, "entry 1"), (forged, "entry 3")):
+        path.write_bytes(bad)
+        refused = repair()
+        assert refused.returncode != 0 and entry in refused.stderr + refused.stdout, refused.stdout
+        assert path.read_bytes() == bad
