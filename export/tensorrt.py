@@ -68,8 +68,8 @@ class Engine:
                     raise FedrecError(f"TensorRT engine: {name} shape {tuple(values.shape)} is outside its "
                                       f"optimisation profile {self.engine.get_tensor_profile_shape(name, 0)}")
                 self.context.set_tensor_address(name, on_gpu[name].data_ptr())
-            dtype = self.trt.nptype(self.engine.get_tensor_dtype("embedding"))
-            output = torch.from_numpy(np.empty(tuple(self.context.get_tensor_shape("embedding")), dtype=dtype)).cuda()
+            dtype = torch.from_numpy(np.empty(0, self.trt.nptype(self.engine.get_tensor_dtype("embedding")))).dtype
+            output = torch.empty(tuple(self.context.get_tensor_shape("embedding")), dtype=dtype, device="cuda")
             self.context.set_tensor_address("embedding", output.data_ptr())
             if not self.context.execute_async_v3(self.stream.cuda_stream):
                 raise FedrecError("TensorRT failed to run the engine")

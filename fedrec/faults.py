@@ -2,8 +2,9 @@
 
 A process started with FEDREC_FREEZE_AT=<stage> that reaches that stage writes a marker
 (FEDREC_FREEZE_FILE: stage, where, pid) and stops making progress, as a hung machine would,
-until the marker is deleted; it freezes once per marker. The test decides: kill the process there, or let the server time
-it out and then thaw it. Without the variable a freeze point does nothing.
+until the marker is deleted; it freezes once per marker. The test decides: kill the process
+there, or let the server time it out and then thaw it. Without the variable a freeze point does
+nothing.
 """
 
 from __future__ import annotations

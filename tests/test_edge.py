@@ -56,6 +56,12 @@ def queries(catalog, n=60):
     return [title_fragment(catalog.titles[i], rng) for i in rng.choice(len(catalog), n, replace=False)]
 
 
+def search_overlap(a: EdgeModel, b: EdgeModel, catalog) -> float:
+    """Mean top-10 overlap of two models' search results on catalog queries."""
+    return float(np.mean([len({r.item_id for r in x} & {r.item_id for r in y}) / 10 for x, y in
+                          zip(a.search_batch(queries(catalog)), b.search_batch(queries(catalog)))]))
+
+
 def test_onnx_matches_torch_and_int8_stays_close(student_dir, bundle, catalog):
     from fedrec.distill.student import Student
     from fedrec.text import context_text
@@ -68,9 +74,8 @@ def test_onnx_matches_torch_and_int8_stays_close(student_dir, bundle, catalog):
     cos8 = (int8.embed(texts) * reference).sum(1)
     assert cos32.min() >= 0.9999, cos32.min()
     assert cos8.mean() >= 0.99, cos8.mean()
-    overlap = [len({r.item_id for r in a} & {r.item_id for r in b}) / 10
-               for a, b in zip(fp32.search_batch(queries(catalog)), int8.search_batch(queries(catalog)))]
-    assert np.mean(overlap) >= 0.9, np.mean(overlap)
+    overlap = search_overlap(fp32, int8, catalog)
+    assert overlap >= 0.9, overlap
 
 
 def test_runtime_results_equal_a_direct_computation_from_the_files(bundle, catalog):
@@ -297,9 +302,8 @@ def test_fp16_encoder_for_gpus_keeps_float32_io_and_matches_fp32(student_dir, bu
     texts = [context_text([], q) for q in queries(catalog)]
     cosine = (fp16.embed(texts) * fp32.embed(texts)).sum(1)
     assert cosine.min() >= 0.999, cosine.min()
-    overlap = [len({r.item_id for r in a} & {r.item_id for r in b}) / 10
-               for a, b in zip(fp16.search_batch(queries(catalog)), fp32.search_batch(queries(catalog)))]
-    assert np.mean(overlap) >= 0.9, np.mean(overlap)
+    overlap = search_overlap(fp16, fp32, catalog)
+    assert overlap >= 0.9, overlap
     with pytest.raises(BundleError, match="no fp16 model.*--fp16"):
         EdgeModel(bundle, "fp16")
     for device, provider in (("cuda", "CUDAExecutionProvider"), ("tensorrt", "TensorrtExecutionProvider")):
