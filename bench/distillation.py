@@ -1,61 +1,64 @@
-"""Issue 5 benchmark: students of two sizes distilled from the trained teacher, evaluated on
-every Online Retail test user next to it (retention = student ÷ teacher), with sizes and time.
+"""Distillation and export on the full Online Retail data (CPU), for a trained teacher checkpoint.
 
-    python bench/distillation.py [TEACHER_CHECKPOINT [SIZE ...]]
-    (default: the central teacher of bench/foundation.py, every size below)
+    python bench/distillation.py TEACHER_CHECKPOINT      → results/distillation.json
+
+The bundle recommends with the teacher's own tower and item vectors, so what distillation can lose
+is in text: search queries, and items that arrive after export (encoded by the student). Both are
+measured, and the bundle itself is scored through the runtime's public API.
 """
 
 from __future__ import annotations
 
-import json
+import copy
 import sys
-from pathlib import Path
 
-from common import RESULTS, WORK, save, silos_dir
+from common import WORK, save, silos_dir
 from fedrec.config import FedrecConfig
 from fedrec.data.silo import load_dataset
 from fedrec.distill.distill import distill
+from fedrec.distill.student import Student
+from fedrec.edge_runtime import EdgeModel
 from fedrec.evaluation.evaluate import evaluate_ranker
-from fedrec.evaluation.rankers import EncoderRanker
+from fedrec.evaluation.rankers import TeacherRanker
+from fedrec.evaluation.search import search_sanity
+from fedrec.export.bundle import export_bundle
 from fedrec.model.teacher import Teacher
-
-BUDGET = {"distill.epochs": 20, "distill.patience": 20}   # the defaults, without early stopping: 22–37 min on 2 cores
-SIZES = {f"student-{hidden}x{layers}": {"distill.hidden": hidden, "distill.layers": layers, "distill.heads": hidden // 32,
-                                        "distill.intermediate": 4 * hidden, **BUDGET}
-         for hidden, layers in ((128, 4), (128, 2), (128, 1))}
+from fedrec.tools.bundle_eval import BundleRanker
+from quality import teacher_search
 
 
-def folder_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+def bundle_search(edge: EdgeModel, catalog):
+    def top_k(queries, k):
+        return [[catalog.index[r.item_id] for r in results] for results in edge.search_batch(list(queries), k)]
+    return top_k
 
 
-def main(teacher_dir: str = str(WORK / "checkpoints" / "central-teacher"), *sizes: str) -> None:
+def main(teacher_dir: str) -> None:
     silos = load_dataset(silos_dir())
     catalog = silos["uk"].catalog
-    teacher = Teacher.load(teacher_dir)
-    teacher_test = evaluate_ranker(EncoderRanker(teacher, catalog, teacher.config.context_items), silos)
-    teacher_params = teacher.parameter_counts()["total"]
-    earlier = json.loads((RESULTS / "distillation.json").read_text()) if (RESULTS / "distillation.json").exists() else {}
-    kept = earlier.get("students", {}) if earlier.get("teacher", {}).get("checkpoint") == teacher_dir else {}
-    results = {"teacher": {"checkpoint": teacher_dir, "parameters": teacher_params,
-                           "bytes_fp32": teacher_params * 4, "test": teacher_test},
-               "students": {name: s for name, s in kept.items() if name in SIZES}}   # sizes not rerun stay
-    for name in sizes or SIZES:
-        overrides = SIZES[name]
-        config = FedrecConfig.from_flat(overrides)
-        out = WORK / "students" / name
-        student, result = distill(teacher, teacher_dir, catalog, config, out)
-        test = evaluate_ranker(EncoderRanker(student, catalog, student.config.context_items), silos)
-        results["students"][name] = {
-            "config": overrides, "parameters": student.parameter_count(),
-            "parameter_ratio": student.parameter_count() / teacher_params,
-            "checkpoint_bytes": folder_bytes(out), "vocabulary": student.config.vocab_size,
-            "distill_seconds": result.seconds, "best_epoch": result.best_epoch, "validation": result.validation,
-            "test": test,
-            "retention": {r: {m: test[r][m] / teacher_test[r][m] if teacher_test[r][m] else None
-                              for m in ("ndcg@10", "recall@10")} for r in test},
-        }
-        save("distillation", results)
+    teacher = Teacher.load(teacher_dir, catalog)
+    config = FedrecConfig()
+    student, result = distill(teacher, teacher_dir, config, WORK / "student")
+    bundle = export_bundle(WORK / "student", catalog, WORK / "bundles" / "student")
+    test = {"teacher": evaluate_ranker(TeacherRanker(teacher), silos)}
+    search = {"teacher": search_sanity(teacher_search(teacher), catalog)}
+    for precision in ("fp32", "int8"):
+        edge = EdgeModel(bundle, precision)
+        test[f"bundle {precision} (runtime API)"] = evaluate_ranker(BundleRanker(edge, catalog), silos)
+        search[f"bundle {precision}"] = search_sanity(bundle_search(edge, catalog), catalog)
+    cold = copy.deepcopy(teacher)
+    cold.use_text_encoder(Student.load(WORK / "student"))
+    test["teacher, every item's text from the student"] = evaluate_ranker(TeacherRanker(cold), silos)
+    reference = test["teacher"]["overall"]["ndcg@10"]
+    save("distillation", {
+        "config": {k: v for k, v in config.to_flat().items() if k.startswith("distill.")},
+        "student_parameters": student.parameter_count(),
+        "teacher_encoder_parameters": teacher.parameter_counts()["encoder"],
+        "seconds": result.seconds, "best_epoch": result.best_epoch, "validation": result.validation,
+        "test": test, "search_sanity": search,
+        "ndcg@10_retention": {k: v["overall"]["ndcg@10"] / reference for k, v in test.items()},
+        "search_source@10_retention": {k: v["source@10"] / search["teacher"]["source@10"] for k, v in search.items()},
+    })
 
 
 if __name__ == "__main__":

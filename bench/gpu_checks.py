@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from common import save, silos_dir
@@ -22,6 +23,7 @@ from fedrec.config import FedrecConfig
 from fedrec.data.silo import Catalog
 from fedrec.distill.distill import distill
 from fedrec.edge_runtime import EdgeModel
+from fedrec.evaluation.search import fragment_queries
 from fedrec.export.bundle import export_bundle
 from fedrec.model.teacher import Teacher
 
@@ -40,34 +42,39 @@ def texts_per_second(embed, batches: list) -> dict:
     return out
 
 
+def unit(rows: np.ndarray) -> np.ndarray:
+    """Rows scaled to length one: the graphs end in [u, p, 1], compared by direction."""
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
 def main(student: str | None = None) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: these checks need an NVIDIA GPU")
     catalog = Catalog.load(silos_dir() / "catalog.parquet")
     work = Path(tempfile.mkdtemp(prefix="fedrec-gpu-"))
     if student is None:
-        teacher = Teacher(FedrecConfig().model)
+        teacher = Teacher(FedrecConfig().model, catalog)
         checkpoint = teacher.save(work / "teacher")
-        distill(teacher, checkpoint, catalog, FedrecConfig.from_flat({"distill.epochs": 2, "distill.contexts": 2000}),
-                work / "student")
+        distill(teacher, checkpoint, FedrecConfig.from_flat({"distill.epochs": 2}), work / "student")
         student = str(work / "student")
     results: dict = {"gpu": torch.cuda.get_device_name(0)}
     try:
         bundle = export_bundle(student, catalog, work / "bundle", tensorrt=True)
-        results["engine_bytes"] = (bundle / "encoder.fp16.plan").stat().st_size
+        results["engine_bytes"] = (bundle / "query_encoder.fp16.plan").stat().st_size
     except Exception as exc:                                   # report it, then check what runs without it
         results["tensorrt_build"] = f"failed: {exc}"
         bundle = export_bundle(student, catalog, work / "bundle-fp16", fp16=True)
 
     cpu = EdgeModel(bundle, "fp32", "cpu", threads=8)
-    texts = [catalog.context([i, (i * 7) % len(catalog), (i * 13) % len(catalog)], "", 10) for i in range(1024)]
+    texts = fragment_queries(catalog, 1024)[0]
     # every batch padded to the token limit: one shape per batch size, so one warm-up call builds
     # whatever a provider builds per shape, and the timed calls measure running only
     batches = [tuple(cpu.inputs([e.ids for e in cpu.tokenizer.encode_batch(texts[i:i + size])],
-                                cpu.max_context_tokens).values())
+                                cpu.max_query_tokens).values())
                for size in BATCHES for i in range(0, 512, size)]
     probe = batches[-1]
     reference = cpu.session.run(None, {"input_ids": probe[0], "attention_mask": probe[1]})[0]
+    reference /= np.linalg.norm(reference, axis=1, keepdims=True)
 
     paths = {f"ORT {device} {precision}": (precision, device)
              for device, precision in (("cpu", "fp32"), ("cuda", "fp32"), ("cuda", "fp16"), ("tensorrt", "fp16"))}
@@ -77,15 +84,15 @@ def main(student: str | None = None) -> None:
         except Exception as exc:
             results[name] = f"unavailable: {exc}"
             continue
-        embed = lambda ids, mask: session.run(None, {"input_ids": ids, "attention_mask": mask})[0]  # noqa: E731
+        embed = lambda ids, mask: unit(session.run(None, {"input_ids": ids, "attention_mask": mask})[0])  # noqa: E731
         results[name] = {"min_cosine_vs_cpu_fp32": float((embed(*probe) * reference).sum(1).min()),
                          "texts_per_second": texts_per_second(embed, batches)}
     if "engine_bytes" in results:
         from fedrec.export.tensorrt import Engine
 
-        engine = Engine(bundle / "encoder.fp16.plan")
+        engine = Engine(bundle / "query_encoder.fp16.plan")
         results["TensorRT engine fp16"] = {
-            "min_cosine_vs_cpu_fp32": float((engine.embed(*probe) * reference).sum(1).min()),
+            "min_cosine_vs_cpu_fp32": float((unit(engine.embed(*probe)) * reference).sum(1).min()),
             "texts_per_second": texts_per_second(engine.embed, batches)}
     save("gpu", results)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -10,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from fedrec.errors import DataError
-from fedrec.text import context_text, item_text
+from fedrec.text import item_text
 
 
 @dataclass
@@ -39,14 +41,17 @@ class Catalog:
         """item id → row; built once (callers look items up in loops)."""
         return {item_id: i for i, item_id in enumerate(self.item_ids)}
 
+    @cached_property
+    def fingerprint(self) -> str:
+        """SHA-256 of the ids and texts in order: item vectors are rows, so every party must agree."""
+        return hashlib.sha256(json.dumps([self.item_ids, self.texts()]).encode()).hexdigest()
+
     def text(self, item: int) -> str:
         return item_text(self.titles[item], self.categories[item])
 
     def texts(self) -> list[str]:
         return [self.text(i) for i in range(len(self))]
 
-    def context(self, history_newest_first, query: str, max_items: int) -> str:
-        return context_text([self.titles[i] for i in history_newest_first[:max_items]], query, max_items)
 
 
 @dataclass
@@ -69,16 +74,21 @@ class UserRecord:
     def target_index(self, split: str) -> int:
         return len(self.baskets) - (1 if split == "test" else 2)
 
-    def eval_case(self, split: str) -> tuple[np.ndarray, str, np.ndarray]:
-        """(history newest first, query, target items) for a `val` or `test` evaluation."""
+    def eval_case(self, split: str) -> tuple[np.ndarray, np.ndarray, str, np.ndarray]:
+        """(history newest first, its basket ages, query, target items) for a `val` or `test` evaluation."""
         target = self.target_index(split)
-        return history_newest_first(self.baskets[:target]), self.queries[target], self.baskets[target]
+        return (*history_newest_first(self.baskets[:target]), self.queries[target], self.baskets[target])
 
 
-def history_newest_first(baskets: list[np.ndarray]) -> np.ndarray:
+def history_newest_first(baskets: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The items of time-ordered `baskets`, newest basket first, and each item's basket age
+    (0 = the most recent basket)."""
     if not baskets:
-        return np.zeros(0, dtype=np.int64)
-    return np.concatenate(baskets[::-1]).astype(np.int64)
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    newest_first = baskets[::-1]
+    items = np.concatenate(newest_first).astype(np.int64)
+    ages = np.repeat(np.arange(len(newest_first)), [len(b) for b in newest_first])
+    return items, ages
 
 
 @dataclass

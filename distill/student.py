@@ -1,5 +1,9 @@
 """The student in one file: a small BERT over a pruned vocabulary, mean-pooled and projected
-into the teacher's embedding space, with a `tokenizers` JSON tokenizer the edge can use as is."""
+into the teacher's text-embedding space, with a `tokenizers` JSON tokenizer the edge can use as is.
+
+It stands in for the teacher's large frozen encoder wherever text must be encoded after export:
+search queries and items added to the catalog later. Everything else the teacher knows (the tower,
+the catalog's item vectors) ships exactly."""
 
 from __future__ import annotations
 
@@ -29,30 +33,29 @@ TOKENIZER_FILE = "tokenizer.json"
 @dataclass
 class StudentConfig:
     vocab_size: int
-    out_dim: int                     # the teacher's embedding size
+    out_dim: int                     # the teacher encoder's embedding size
     layers: int
     hidden: int
     heads: int
     intermediate: int
     max_item_tokens: int
-    max_context_tokens: int
-    context_items: int
+    max_query_tokens: int
 
     @classmethod
     def derive(cls, distill: DistillConfig, model: ModelConfig, vocab_size: int, out_dim: int) -> "StudentConfig":
         return cls(vocab_size, out_dim, distill.layers, distill.hidden, distill.heads, distill.intermediate,
-                   model.max_item_tokens, model.max_context_tokens, model.context_items)
+                   model.max_item_tokens, model.max_query_tokens)
 
 
 class Student(TextEncoder):
     def __init__(self, config: StudentConfig, tokenizer_json: str):
-        super().__init__()
+        super().__init__(config.max_item_tokens, config.max_query_tokens)
         self.config, self.tokenizer_json = config, tokenizer_json
         self.tokenizer = Tokenizer.from_str(tokenizer_json)
         self.encoder = BertModel(BertConfig(
             vocab_size=config.vocab_size, hidden_size=config.hidden, num_hidden_layers=config.layers,
             num_attention_heads=config.heads, intermediate_size=config.intermediate,
-            max_position_embeddings=max(config.max_item_tokens, config.max_context_tokens),
+            max_position_embeddings=max(config.max_item_tokens, config.max_query_tokens),
             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), add_pooling_layer=False)
         self.project = torch.nn.Linear(config.hidden, config.out_dim, bias=False)
 

@@ -10,7 +10,7 @@ import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # 2: user tower + query encoder graphs (1: one text encoder)
 MANIFEST = "manifest.json"
 
 

@@ -1,7 +1,9 @@
 """EdgeModel: recommendations, search and similar items from a verified bundle, with ONNX Runtime.
 
-Users and queries are encoded on the fly; items come precomputed (float16, L2-normalised) and are
-ranked by an index from `edge_runtime.index` (exact by default).
+A user is their history: catalog positions (newest first) with basket ages, read by the user tower
+graph; no text is encoded to recommend. A search query goes through the query encoder graph into
+the same space. Both give a row that scores every item by one product with the bundle's item
+matrix, ranked by an index from `edge_runtime.index` (exact by default).
 """
 
 from __future__ import annotations
@@ -16,9 +18,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from fedrec.edge_runtime.bundle import BundleError, open_bundle
-from fedrec.edge_runtime.context_tokens import ContextTokens
 from fedrec.edge_runtime.index import Index, ItemIndex, QuantizedIndex
-from fedrec.text import context_text
 
 INT8_INDEX_FROM = 50_000     # below this an exact scan is as fast as the int8 one (BENCHMARKS.md)
 PROVIDERS = {"cpu": ["CPUExecutionProvider"],
@@ -31,23 +31,23 @@ class Result:
     item_id: str
     title: str
     score: float
-    because: str | None = None          # for recommendations: the history item that contributed most
+    because: str | None = None          # for recommendations: the history item closest to it
 
 
 class EdgeModel:
     def __init__(self, bundle: str | Path, precision: str = "int8", device: str = "cpu", threads: int = 1,
                  index: str = "auto"):
-        """`precision`: a key of the manifest's "onnx" (fp32, int8, and fp16 when exported for GPUs).
-        `device`: cpu, or cuda / tensorrt through ONNX Runtime's GPU providers.
-        `index`: "exact", "int8" (needs a bundle exported with --int8-index), or "auto": the int8
-        index when the bundle has one and the catalog has at least INT8_INDEX_FROM items."""
+        """`precision`: fp32, int8, or fp16 (query encoder only, when exported for GPUs; the user
+        tower then runs in fp32). `device`: cpu, or cuda / tensorrt through ONNX Runtime's GPU
+        providers. `index`: "exact", "int8" (needs a bundle exported with --int8-index), or "auto":
+        the int8 index when the bundle has one and the catalog has at least INT8_INDEX_FROM items."""
         self.folder = open_bundle(bundle)
         self.manifest = json.loads((self.folder / "manifest.json").read_text())
         model = self.manifest["model"]
-        files = model["onnx"]
-        if precision not in files:
-            raise BundleError(f"{self.folder}: no {precision} model in this bundle (has {', '.join(files)}); "
-                              f"`fedrec export --{precision}` writes one")
+        graphs = model["onnx"]
+        if precision not in graphs["query_encoder"]:
+            raise BundleError(f"{self.folder}: no {precision} model in this bundle (has "
+                              f"{', '.join(graphs['query_encoder'])}); `fedrec export --{precision}` writes one")
         if device not in PROVIDERS:
             raise BundleError(f"unknown device {device!r}; choose cpu, cuda or tensorrt")
         wanted = PROVIDERS[device]
@@ -58,24 +58,26 @@ class EdgeModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(self.folder / files[precision]), options, providers=wanted)
+        tower_file = graphs["user_tower"].get(precision, graphs["user_tower"]["fp32"])
+        self.user_tower = ort.InferenceSession(str(self.folder / tower_file), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(self.folder / graphs["query_encoder"][precision]), options,
+                                            providers=wanted)
         self.tokenizer = Tokenizer.from_file(str(self.folder / model["tokenizer"]))
-        self.max_context_tokens = model["max_context_tokens"]
-        self.tokenizer.enable_truncation(max_length=self.max_context_tokens)
+        self.max_query_tokens = model["max_query_tokens"]
+        self.tokenizer.enable_truncation(max_length=self.max_query_tokens)
         self.pad_id = (self.tokenizer.padding or {}).get("pad_id", 0)
-        self.tokenizer.no_padding()                     # `embed_ids` pads, for texts and cached ids alike
-        self.context_items = model["context_items"]
+        self.tokenizer.no_padding()                     # `inputs` pads
+        self.history_items = model["history_items"]
         catalog = json.loads((self.folder / model["items"]).read_text())
         self.item_ids: list[str] = catalog["item_ids"]
         self.titles: list[str] = catalog["titles"]
         self.position = {item: i for i, item in enumerate(self.item_ids)}
-        self.context_tokens = ContextTokens(self.tokenizer, self.titles, self.max_context_tokens, self.context_items)
         self.index = self.load_index(model, index)
 
     def load_index(self, model: dict, kind: str) -> ItemIndex:
         if kind not in ("auto", "exact", "int8"):
             raise BundleError(f"unknown index {kind!r}; choose auto, exact or int8")
-        vectors = np.load(self.folder / model["item_embeddings"])
+        vectors = np.load(self.folder / model["item_matrix"])
         if kind == "int8" and "item_index" not in model:
             raise BundleError(f"{self.folder}: no int8 item index in this bundle; export it with "
                               "`fedrec export --int8-index`, or use index='exact'")
@@ -84,11 +86,8 @@ class EdgeModel:
         return Index(vectors)
 
     # -- encoding --------------------------------------------------------------------------
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        return self.embed_ids([e.ids for e in self.tokenizer.encode_batch(list(texts))])
-
     def inputs(self, sequences: Sequence[Sequence[int]], length: int | None = None) -> dict[str, np.ndarray]:
-        """The encoder's inputs for token id sequences, padded to the longest (or to `length`)."""
+        """The query encoder's inputs for token id sequences, padded to the longest (or to `length`)."""
         ids = np.full((len(sequences), length or max(map(len, sequences))), self.pad_id, dtype=np.int64)
         mask = np.zeros_like(ids)
         for row, sequence in enumerate(sequences):
@@ -96,14 +95,20 @@ class EdgeModel:
             mask[row, :len(sequence)] = 1
         return {"input_ids": ids, "attention_mask": mask}
 
-    def embed_ids(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
-        return self.session.run(None, self.inputs(sequences))[0]
+    def embed_queries(self, queries: Sequence[str]) -> np.ndarray:
+        return self.session.run(None, self.inputs([e.ids for e in self.tokenizer.encode_batch(list(queries))]))[0]
 
-    def embed_histories(self, histories: Sequence[Sequence[int]]) -> np.ndarray:
-        """Users from catalog positions, newest first (`context_tokens` skips re-tokenizing titles)."""
-        if self.context_tokens.usable:
-            return self.embed_ids([self.context_tokens.ids(h) for h in histories])
-        return self.embed([self.context_tokens.text(h) for h in histories])
+    def embed_histories(self, histories: Sequence[Sequence[int]], ages: Sequence[Sequence[int]]) -> np.ndarray:
+        """Users from catalog positions (newest first) and their basket ages, cut to the newest
+        `history_items`."""
+        length = max(1, min(self.history_items, max(map(len, histories))))
+        positions = np.zeros((len(histories), length), dtype=np.int64)
+        item_ages = np.zeros_like(positions)
+        mask = np.zeros_like(positions)
+        for row, (history, history_ages) in enumerate(zip(histories, ages)):
+            n = min(length, len(history))
+            positions[row, :n], item_ages[row, :n], mask[row, :n] = history[:n], history_ages[:n], 1
+        return self.user_tower.run(None, {"history": positions, "ages": item_ages, "mask": mask})[0]
 
     def known(self, item_ids: Sequence[str]) -> tuple[list[int], list[str]]:
         """Catalog positions of the known ids, and the unknown ids (reported, then ignored)."""
@@ -115,35 +120,41 @@ class EdgeModel:
         return [Result(self.item_ids[i], self.titles[i], float(s), b) for i, s, b in zip(top, scores, because)]
 
     # -- the API ---------------------------------------------------------------------------
-    def recommend_batch(self, histories: Sequence[Sequence[str]], k: int = 10,
-                        exclude_history: bool = True) -> list[list[Result]]:
-        """For each history (item ids, newest first): the top k items and why."""
-        known = [self.known(h)[0] for h in histories]
-        users = self.embed_histories(known)
+    def recommend_batch(self, histories: Sequence[Sequence[str]], k: int = 10, exclude_history: bool = True,
+                        ages: Sequence[Sequence[int]] | None = None) -> list[list[Result]]:
+        """For each history (item ids, newest first) the top k items and why. `ages` gives each
+        history item's basket age (0 = the latest basket); by default a history is one basket."""
+        ages = ages if ages is not None else [[0] * len(h) for h in histories]
+        if len(ages) != len(histories) or any(len(a) != len(h) for a, h in zip(ages, histories)):
+            raise ValueError("ages must give one basket age per history item")
+        kept = [[(self.position[i], a) for i, a in zip(h, g) if i in self.position] for h, g in zip(histories, ages)]
+        known = [[p for p, _ in pairs] for pairs in kept]
+        users = self.embed_histories(known, [[a for _, a in pairs] for pairs in kept])
         top, scores = self.index.search(users, k, [np.array(p, dtype=np.int64) for p in known] if exclude_history else None)
         out = []
         for positions, items, values in zip(known, top, scores):
             because = None
             if positions:
-                contribution = self.index.vectors[items] @ self.index.vectors[positions].T    # k × history
+                contribution = self.index.vectors[items, :-1] @ self.index.vectors[positions, :-1].T    # k × history
                 because = [self.titles[positions[c]] for c in contribution.argmax(1)]
             out.append(self.results(items, values, because))
         return out
 
-    def recommend(self, history_item_ids: Sequence[str], k: int = 10, exclude_history: bool = True) -> list[Result]:
-        return self.recommend_batch([history_item_ids], k, exclude_history)[0]
+    def recommend(self, history_item_ids: Sequence[str], k: int = 10, exclude_history: bool = True,
+                  ages: Sequence[int] | None = None) -> list[Result]:
+        return self.recommend_batch([history_item_ids], k, exclude_history, None if ages is None else [ages])[0]
 
     def search_batch(self, queries: Sequence[str], k: int = 10) -> list[list[Result]]:
-        users = self.embed([context_text([], q) for q in queries])
-        top, scores = self.index.search(users, k)
+        top, scores = self.index.search(self.embed_queries(queries), k)
         return [self.results(t, s) for t, s in zip(top, scores)]
 
     def search(self, query: str, k: int = 10) -> list[Result]:
         return self.search_batch([query], k)[0]
 
     def similar(self, item_id: str, k: int = 10) -> list[Result]:
+        """What shoppers who just bought `item_id` buy: the user tower over that one item."""
         if item_id not in self.position:
             raise KeyError(item_id)
         position = self.position[item_id]
-        top, scores = self.index.search(self.index.vectors[[position]], k, [np.array([position])])
+        top, scores = self.index.search(self.embed_histories([[position]], [[0]]), k, [np.array([position])])
         return self.results(top[0], scores[0])

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from typing import Callable
+
+from fedrec.config import ModelConfig
 from fedrec.data.silo import Silo
 from fedrec.evaluation.metrics import METRICS, rank_metrics
-from fedrec.evaluation.rankers import EvalCase, Ranker
+from fedrec.evaluation.rankers import (EASE, CoOccurrence, EvalCase, ItemKNN, Popularity, Ranker, TeacherRanker,
+                                       ZeroShot)
+from fedrec.model.teacher import Teacher, pick_device
 
 Report = dict[str, dict[str, dict[str, float]]]   # model → region|"overall" → metric → value
 
@@ -15,12 +20,16 @@ def eval_cases(silo: Silo, split: str) -> list[EvalCase]:
     return [EvalCase(*user.eval_case(split)) for user in silo.eval_users(split)]
 
 
-def evaluate_ranker(ranker: Ranker, silos: dict[str, Silo], split: str = "test",
-                    chunk: int = 512) -> dict[str, dict[str, float]]:
-    """Per-region means and the user-weighted overall mean of every metric."""
+def evaluate_ranker(ranker: Ranker, silos: dict[str, Silo], split: str = "test", chunk: int = 512,
+                    targets: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+    """Per-region means and the user-weighted overall mean of every metric. `targets` (a boolean
+    mask over items) keeps only those target items, and only the users left with one: a slice."""
     per_region, pooled = {}, {m: [] for m in METRICS}
     for region, silo in silos.items():
         cases = eval_cases(silo, split)
+        if targets is not None:
+            cases = [EvalCase(c.history, c.ages, c.query, c.targets[targets[c.targets]])
+                     for c in cases if targets[c.targets].any()]
         values = {m: [] for m in METRICS}
         for start in range(0, len(cases), chunk):
             part = cases[start:start + chunk]
@@ -33,6 +42,17 @@ def evaluate_ranker(ranker: Ranker, silos: dict[str, Silo], split: str = "test",
             pooled[m].extend(values[m])
     per_region["overall"] = summarise(pooled)
     return per_region
+
+
+def cold_items(silos: dict[str, Silo], max_buyers: int = 2) -> np.ndarray:
+    """Items with at most `max_buyers` buyers in the training baskets of every region."""
+    n_items = len(next(iter(silos.values())).catalog)
+    buyers = np.zeros(n_items, dtype=np.int64)
+    for silo in silos.values():
+        for user in silo.users:
+            if user.train_baskets:
+                buyers[np.unique(np.concatenate(user.train_baskets))] += 1
+    return buyers <= max_buyers
 
 
 def summarise(values: dict[str, list[np.ndarray]]) -> dict[str, float]:
@@ -57,34 +77,26 @@ def format_report(report: Report, metrics: tuple[str, ...] = ("ndcg@10", "recall
     return "\n".join(lines)
 
 
-def build_rankers(silos: dict[str, Silo], checkpoints: list, baselines: bool = True,
-                  zero_shot: bool = True, encoder: str | None = None,
-                  batch_size: int = 128) -> dict[str, Ranker]:
-    """The standard line-up: baselines, the zero-shot encoder, then each checkpoint given."""
-    from fedrec.config import ModelConfig
-    from fedrec.evaluation.rankers import CoOccurrence, EncoderRanker, Popularity
-    from fedrec.model.teacher import Teacher, pick_device
-
+def build_rankers(silos: dict[str, Silo], checkpoints: list, peers: bool = True, zero_shot: bool = True,
+                  encoder: str | None = None, batch_size: int = 1024,
+                  log: Callable[[str], None] = lambda _: None) -> dict[str, Ranker]:
+    """The standard line-up: the non-private peers (EASE's λ chosen on validation), the zero-shot
+    encoder, then each teacher checkpoint given."""
     catalog = next(iter(silos.values())).catalog
     rankers: dict[str, Ranker] = {}
-    if baselines:
+    if peers:
+        log("peers: popularity, co-occurrence, ItemKNN, EASE (λ on validation)")
         rankers["popularity (global)"] = Popularity(silos)
         rankers["popularity (region)"] = Popularity(silos, per_region=True)
         rankers["co-occurrence"] = CoOccurrence(silos)
+        rankers["ItemKNN"] = ItemKNN(silos)
+        ease = EASE.tuned(silos, lambda r: evaluate_ranker(r, silos, "val")["overall"]["ndcg@10"])
+        rankers[f"EASE (λ={ease.l2:g})"] = ease
+    teachers = [Teacher.load(path, catalog, encoder).to(pick_device()) for path in checkpoints]
     if zero_shot:
-        teacher = Teacher(ModelConfig(encoder=encoder or "")).to(pick_device())
-        rankers["zero-shot encoder"] = EncoderRanker(teacher, catalog, teacher.config.context_items, batch_size)
-    for path in checkpoints:
-        encoder = load_encoder(path).to(pick_device())
-        rankers[str(path)] = EncoderRanker(encoder, catalog, encoder.config.context_items, batch_size)
+        log("zero-shot encoder: item text vectors")
+        text = teachers[0].tower.text if teachers else Teacher(ModelConfig(encoder=encoder or ""), catalog).tower.text
+        rankers["zero-shot encoder"] = ZeroShot(text.cpu().numpy())
+    for path, teacher in zip(checkpoints, teachers):
+        rankers[str(path)] = TeacherRanker(teacher, batch_size)
     return rankers
-
-
-def load_encoder(checkpoint):
-    """A teacher or a student checkpoint, told apart by its metadata file."""
-    from pathlib import Path
-
-    from fedrec.distill.student import STUDENT_FILE, Student
-    from fedrec.model.teacher import Teacher
-
-    return Student.load(checkpoint) if (Path(checkpoint) / STUDENT_FILE).is_file() else Teacher.load(checkpoint)

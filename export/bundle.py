@@ -1,18 +1,26 @@
 """Building a bundle. The layout and manifest are what `fedrec.edge_runtime` verifies and reads:
 
-    encoder.fp32.onnx  encoder.int8.onnx  tokenizer.json  items.npy (float16)  items.json
-    [encoder.fp16.onnx  encoder.fp16.plan  items.int8.onnx]
+    user_tower.{fp32,int8}.onnx     history (catalog positions, basket ages, mask) → user vector
+    query_encoder.{fp32,int8}.onnx  query tokens → user vector (the student, or the teacher's encoder)
+    tokenizer.json  items.npy (item matrix, float32)  items.json (ids and titles)
+    [query_encoder.fp16.onnx  query_encoder.fp16.plan  items.int8.onnx]
     manifest.json (format version, model facts, metrics, privacy, files)
 
-encoder.fp16.onnx carries its precision in the graph (float16 weights and compute, float32 inputs
-and outputs), which is what GPU runtimes want: ONNX Runtime's CUDA and TensorRT providers run it
-as typed, and the TensorRT engine is built from it as a strongly typed network.
+Recommendation never encodes text: the user tower reads the item vectors it was trained with
+(constants in its graph), and a user scores every item by one product with items.npy. Search
+runs the query encoder, whose output lands in the same space. Both graphs end in [u, p, 1], the
+row that `items.npy` ([v/τ, w·t/τ, b]) is multiplied by.
+
+query_encoder.fp16.onnx carries its precision in the graph (float16 weights and compute, float32
+inputs and outputs), which is what GPU runtimes want: ONNX Runtime's CUDA and TensorRT providers
+run it as typed, and the TensorRT engine is built from it as a strongly typed network.
 """
 
 from __future__ import annotations
 
 import json
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,47 +29,56 @@ import torch
 import fedrec
 from fedrec.atomic import atomic_dir, atomic_file, write_json
 from fedrec.data.silo import Catalog
+from fedrec.distill.student import STUDENT_FILE, Student
 from fedrec.edge_runtime.bundle import FORMAT_VERSION, MANIFEST, sha256_file, verify_bundle
-from fedrec.evaluation.evaluate import load_encoder
 from fedrec.model.encoding import TextEncoder
+from fedrec.model.teacher import TEACHER_FILE, Teacher
 
 
-class ExportWrapper(torch.nn.Module):
-    """input_ids, attention_mask → L2-normalised embeddings, with LoRA merged into a teacher."""
+class UserTowerGraph(torch.nn.Module):
+    """history, ages, mask (B × L, int64) → B × (d + text_dim + 1)."""
 
-    def __init__(self, encoder: TextEncoder):
+    def __init__(self, teacher: Teacher):
         super().__init__()
-        self.encoder = encoder
+        self.teacher = teacher
+
+    def forward(self, history: torch.Tensor, ages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        users = self.teacher.tower.users(history, ages, mask > 0)
+        return torch.cat([users, torch.ones_like(users[:, :1])], 1)
+
+
+class QueryGraph(torch.nn.Module):
+    """input_ids, attention_mask → B × (d + text_dim + 1), through `text_encoder` and the tower."""
+
+    def __init__(self, teacher: Teacher, text_encoder: TextEncoder):
+        super().__init__()
+        self.teacher, self.text_encoder = teacher, text_encoder
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.encoder(input_ids, attention_mask)
+        users = self.teacher.query_users(self.text_encoder(input_ids, attention_mask))
+        return torch.cat([users, torch.ones_like(users[:, :1])], 1)
 
 
-def prepared_for_export(checkpoint: Path) -> tuple[TextEncoder, str, dict]:
-    """The encoder (teacher adapters merged), its tokenizer JSON and its metadata."""
-    from fedrec.distill.student import STUDENT_FILE
-
-    encoder = load_encoder(checkpoint).cpu().eval()
+def load_for_export(checkpoint: Path, catalog: Catalog) -> tuple[Teacher, TextEncoder, str, dict]:
+    """The teacher, the text encoder that will encode queries (the student, or the teacher's own
+    encoder), that encoder's tokenizer JSON, and the checkpoint's metadata."""
     if (checkpoint / STUDENT_FILE).is_file():
         meta = json.loads((checkpoint / STUDENT_FILE).read_text())
-        return encoder, encoder.tokenizer_json, {**meta, "kind": "student"}
-    meta = json.loads((checkpoint / "teacher.json").read_text())
-    encoder.encoder = encoder.encoder.merge_and_unload()       # plain BERT weights, no adapters
-    spec = json.loads(encoder.tokenizer.backend_tokenizer.to_str())
-    spec["padding"] = {"strategy": "BatchLongest", "direction": "Right", "pad_to_multiple_of": None,
-                       "pad_id": encoder.tokenizer.pad_token_id, "pad_type_id": 0, "pad_token": encoder.tokenizer.pad_token}
-    spec["truncation"] = {"max_length": encoder.config.max_context_tokens, "strategy": "LongestFirst",
-                          "stride": 0, "direction": "Right"}
-    return encoder, json.dumps(spec, ensure_ascii=False), {**meta, "kind": "teacher"}
+        teacher = Teacher.load(meta["teacher"], catalog)
+        student = Student.load(checkpoint)
+        return teacher, student, student.tokenizer_json, {**meta, "kind": "student"}
+    if not (checkpoint / TEACHER_FILE).is_file():
+        raise FileNotFoundError(f"{checkpoint} is neither a student nor a teacher checkpoint")
+    meta = json.loads((checkpoint / TEACHER_FILE).read_text())
+    teacher = Teacher.load(checkpoint, catalog)
+    return teacher, teacher.encoder, teacher.encoder.tokenizer.backend_tokenizer.to_str(), {**meta, "kind": "teacher"}
 
 
-def export_onnx(encoder: TextEncoder, path: Path) -> None:
-    ids = encoder.tokenize(["a small example", "another one"], 16)
-    dynamic = {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"},
-               "embedding": {0: "batch"}}
-    with torch.no_grad():
-        torch.onnx.export(ExportWrapper(encoder), (ids["input_ids"], ids["attention_mask"]), str(path),
-                          input_names=["input_ids", "attention_mask"], output_names=["embedding"],
+def export_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], names: list[str], path: Path) -> None:
+    dynamic = {name: {0: "batch", 1: "length"} for name in names} | {"user": {0: "batch"}}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")           # tracer notes about Python-side shapes: nothing to act on
+        torch.onnx.export(module, example, str(path), input_names=names, output_names=["user"],
                           dynamic_axes=dynamic, opset_version=17, dynamo=False)
 
 
@@ -81,45 +98,55 @@ def convert_fp16(source: Path, target: Path) -> None:
 def export_bundle(checkpoint: str | Path, catalog: Catalog, out: str | Path, int8: bool = True,
                   tensorrt: bool = False, tar: bool = False, metrics: dict | None = None,
                   int8_index: bool = False, fp16: bool = False) -> Path:
-    """`fp16` adds the float16 encoder for GPUs (`tensorrt` implies it: the engine is built from it);
-    `int8_index` adds the int8 item scan (`edge_runtime.index.QuantizedIndex`), for large catalogs."""
+    """`fp16` adds the float16 query encoder for GPUs (`tensorrt` implies it: the engine is built
+    from it); `int8_index` adds the int8 item scan (`edge_runtime.index.QuantizedIndex`)."""
     checkpoint, out = Path(checkpoint), Path(out)
-    encoder, tokenizer_json, meta = prepared_for_export(checkpoint)
-    items = encoder.encode_items(catalog).cpu().numpy().astype(np.float16)
+    teacher, text_encoder, tokenizer_json, meta = load_for_export(checkpoint, catalog)
+    teacher, text_encoder = teacher.cpu().eval(), text_encoder.cpu().eval()
+    config = teacher.config
+    items = teacher.item_matrix().numpy().astype(np.float32)
+    history = torch.tensor([[0, 1, 2], [3, 0, 0]])
+    example_history = (history, torch.tensor([[0, 0, 1], [0, 0, 0]]), torch.tensor([[1, 1, 1], [1, 0, 0]]))
+    tokens = text_encoder.tokenize(["a small example", "another one"], 16)
+    example_query = (tokens["input_ids"], tokens["attention_mask"])
     with atomic_dir(out) as tmp:
-        export_onnx(encoder, tmp / "encoder.fp32.onnx")
-        onnx_files = {"fp32": "encoder.fp32.onnx"}
-        if int8:
-            quantize_int8(tmp / "encoder.fp32.onnx", tmp / "encoder.int8.onnx")
-            onnx_files["int8"] = "encoder.int8.onnx"
+        graphs = {"user_tower": {}, "query_encoder": {}}
+        for graph, module, example, names in (
+                ("user_tower", UserTowerGraph(teacher), example_history, ["history", "ages", "mask"]),
+                ("query_encoder", QueryGraph(teacher, text_encoder), example_query, ["input_ids", "attention_mask"])):
+            export_onnx(module, example, names, tmp / f"{graph}.fp32.onnx")
+            graphs[graph]["fp32"] = f"{graph}.fp32.onnx"
+            if int8:
+                quantize_int8(tmp / f"{graph}.fp32.onnx", tmp / f"{graph}.int8.onnx")
+                graphs[graph]["int8"] = f"{graph}.int8.onnx"
         if fp16 or tensorrt:
-            convert_fp16(tmp / "encoder.fp32.onnx", tmp / "encoder.fp16.onnx")
-            onnx_files["fp16"] = "encoder.fp16.onnx"
+            convert_fp16(tmp / "query_encoder.fp32.onnx", tmp / "query_encoder.fp16.onnx")
+            graphs["query_encoder"]["fp16"] = "query_encoder.fp16.onnx"
         if tensorrt:
             from fedrec.export.tensorrt import build_engine
 
-            build_engine(tmp / "encoder.fp16.onnx", tmp / "encoder.fp16.plan", encoder.config.max_context_tokens)
+            build_engine(tmp / "query_encoder.fp16.onnx", tmp / "query_encoder.fp16.plan", config.max_query_tokens)
         (tmp / "tokenizer.json").write_text(tokenizer_json)
         np.save(tmp / "items.npy", items)
         if int8_index:
             from fedrec.export.item_index import int8_scan_model
 
-            (tmp / "items.int8.onnx").write_bytes(int8_scan_model(items.astype(np.float32)))
+            (tmp / "items.int8.onnx").write_bytes(int8_scan_model(items))
         write_json(tmp / "items.json", {"item_ids": catalog.item_ids, "titles": catalog.titles})
-        parameters = sum(p.numel() for p in encoder.parameters())
+        counts = teacher.parameter_counts()
         manifest = {
             "format_version": FORMAT_VERSION,
             "fedrec_version": fedrec.__version__,
-            "source": str(checkpoint.resolve()),
+            "source": checkpoint.name,
             "model": {
-                "kind": meta["kind"], "parameters": parameters, "dim": encoder.dim,
-                "layers": encoder.encoder.config.num_hidden_layers, "hidden": encoder.encoder.config.hidden_size,
-                "max_item_tokens": encoder.config.max_item_tokens,
-                "max_context_tokens": encoder.config.max_context_tokens,
-                "context_items": encoder.config.context_items,
-                "onnx": onnx_files, "tokenizer": "tokenizer.json", "item_embeddings": "items.npy",
+                "kind": meta["kind"], "dim": config.dim, "text_dim": teacher.tower.text.shape[1],
+                "history_items": config.history_items, "max_age": config.max_age,
+                "max_query_tokens": config.max_query_tokens,
+                "parameters": {"tower": counts["tower"],
+                               "query_encoder": sum(p.numel() for p in text_encoder.parameters())},
+                "onnx": graphs, "tokenizer": "tokenizer.json", "item_matrix": "items.npy",
                 "items": "items.json", "items_count": len(catalog),
-                **({"tensorrt_engine": "encoder.fp16.plan"} if tensorrt else {}),
+                **({"tensorrt_engine": "query_encoder.fp16.plan"} if tensorrt else {}),
                 **({"item_index": "items.int8.onnx"} if int8_index else {}),
             },
             "metrics": metrics or {},

@@ -16,7 +16,7 @@ HEADER = """\
 [project]
 name = "fedrec-app"
 version = "{version}"
-description = "fedrec federation: regions train LoRA adapters next to their data"
+description = "fedrec federation: regions train the teacher's tower next to their data"
 license = "Apache-2.0"
 dependencies = ["fedrec"]
 

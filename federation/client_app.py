@@ -19,7 +19,7 @@ def train(msg: Message, context: Context) -> Message:
     config = FedrecConfig.from_flat(context.run_config)
     round_config = msg.content["config"]
     result = train_round(settings, config, from_record(msg.content["arrays"]),
-                         int(round_config["round"]), str(round_config["run"]))
+                         int(round_config["round"]), str(round_config["run"]), str(round_config["catalog"]))
     content = RecordDict({"metrics": MetricRecord(result.metrics),
                           "info": ConfigRecord({**result.info, "status": result.status})})
     if result.adapters is not None:

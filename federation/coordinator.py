@@ -51,8 +51,9 @@ def log(text: str) -> None:
 
 
 class Coordinator:
-    def __init__(self, grid: Grid, config: FedrecConfig, run_name: str):
+    def __init__(self, grid: Grid, config: FedrecConfig, run_name: str, catalog_fingerprint: str):
         self.grid, self.config, self.run_name = grid, config, run_name
+        self.catalog_fingerprint = catalog_fingerprint
         self.region_of: dict[int, str] = {}          # node id → region, learnt from replies
         self.node_of: dict[str, int] = {}            # region → its newest node; older ones are superseded
 
@@ -128,7 +129,8 @@ class Coordinator:
             started = time.perf_counter()
             nodes = self.wait_for_regions()
             replies, failed = self.exchange(nodes, "train", adapters,
-                                            {"round": server_round, "run": self.run_name}, server_round)
+                                            {"round": server_round, "run": self.run_name,
+                                             "catalog": self.catalog_fingerprint}, server_round)
             record = {"round": server_round, "regions": {}, "dropped": {}, "declined": {}}
             updates, claims = [], {}
             for node, reply in replies.items():

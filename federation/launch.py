@@ -4,6 +4,7 @@ separate processes on loopback)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -37,6 +38,9 @@ class RegionNode:
 
 def run_config(config: FedrecConfig, run_dir: Path, resume: bool) -> dict:
     flat = config.to_flat()
+    if not config.federation.catalog:
+        raise FedrecError("the server needs the public catalog", hint="Pass --catalog CATALOG.parquet.")
+    flat["federation.catalog"] = str(Path(config.federation.catalog).resolve())
     flat["federation.run_dir"] = str(run_dir.resolve())
     flat["federation.resume"] = resume
     return flat
@@ -91,6 +95,8 @@ def simulate(data_root: Path, regions: list[str], run_dir: Path, config: FedrecC
     """The whole federation on one machine: separate processes talking over loopback."""
     run_dir = run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
+    config = dataclasses.replace(config, federation=dataclasses.replace(
+        config.federation, catalog=str(Path(data_root) / "catalog.parquet")))
     pki = create_dev_pki(run_dir / "certs") if tls else None
     address = f"127.0.0.1:{free_port()}"
     processes: list[Process] = []

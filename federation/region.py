@@ -17,7 +17,7 @@ from fedrec.data.silo import Silo, load_silo
 from fedrec.errors import FedrecError
 from fedrec.faults import freeze_point
 from fedrec.evaluation.evaluate import evaluate_ranker
-from fedrec.evaluation.rankers import EncoderRanker
+from fedrec.evaluation.rankers import TeacherRanker
 from fedrec.model.teacher import Teacher, pick_device
 from fedrec.privacy.budget import RegionBudget
 from fedrec.privacy.dp_sgd import train_private
@@ -59,8 +59,8 @@ class RoundResult:
     info: dict[str, str | bool | float] = field(default_factory=dict)
 
 
-def build_teacher(config: FedrecConfig, adapters: State) -> Teacher:
-    teacher = Teacher(config.model).to(pick_device())
+def build_teacher(config: FedrecConfig, adapters: State, silo: Silo, settings: RegionSettings) -> Teacher:
+    teacher = Teacher(config.model, silo.catalog, Path(settings.state_dir) / "cache").to(pick_device())
     teacher.load_adapter_state(adapters)
     return teacher
 
@@ -73,19 +73,25 @@ def proximal_term(teacher: Teacher, anchor: State, mu: float):
 
 
 def train_round(settings: RegionSettings, config: FedrecConfig, adapters: State,
-                server_round: int, run: str) -> RoundResult:
-    """One local round; under DP the ledger entry is fsync'd before this returns the update."""
+                server_round: int, run: str, catalog_fingerprint: str) -> RoundResult:
+    """One local round; under DP the ledger entry is fsync'd before this returns the update.
+    `catalog_fingerprint` is the coordinator's catalog: item vectors are rows of it, so a region
+    with another catalog must not train."""
+    silo = settings.silo()
+    if silo.catalog.fingerprint != catalog_fingerprint:
+        raise FedrecError(f"region {settings.region}: its catalog ({silo.catalog.fingerprint[:12]}…) is not the "
+                          f"coordinator's ({catalog_fingerprint[:12]}…)",
+                          hint="Prepare every region's silo from the same public catalog as the server's --catalog.")
     if not settings.budget.enabled:
-        return _train_round(settings, config, adapters, server_round, run, None)
+        return _train_round(settings, silo, config, adapters, server_round, run, None)
     privacy = RegionPrivacy(settings.region, settings.budget, settings.state_dir)
     with privacy.exclusive(timeout=config.federation.round_timeout):     # the server waits no longer
-        return _train_round(settings, config, adapters, server_round, run, privacy)
+        return _train_round(settings, silo, config, adapters, server_round, run, privacy)
 
 
-def _train_round(settings: RegionSettings, config: FedrecConfig, adapters: State, server_round: int,
+def _train_round(settings: RegionSettings, silo: Silo, config: FedrecConfig, adapters: State, server_round: int,
                  run: str, privacy: RegionPrivacy | None) -> RoundResult:
     started = time.perf_counter()
-    silo = settings.silo()
     users = [u for u in silo.users if can_train(u)]
     fed, budget = config.federation, settings.budget
     seed = config.train.seed + 1000 * server_round + zlib.crc32(settings.region.encode())   # DP draws its own
@@ -101,11 +107,11 @@ def _train_round(settings: RegionSettings, config: FedrecConfig, adapters: State
 
     label = f"{settings.region} round {server_round}"
     freeze_point("before-training", label)
-    teacher = build_teacher(config, adapters)
-    objective = RetrievalObjective(teacher, silo.catalog)
+    teacher = build_teacher(config, adapters, silo, settings)
+    objective = RetrievalObjective(teacher.tower)
     regulariser = proximal_term(teacher, adapters, fed.proximal_mu) if fed.strategy == "fedprox" else None
     if privacy:
-        loss = train_private(objective, users, config.train, decision.plan, label, regulariser)
+        train_private(objective, users, config.train, decision.plan, label, regulariser)
         entry = privacy.record(decision, run, server_round)
         info.update(epsilon=entry.epsilon, ledger_head=privacy.ledger.head(),
                     noise_multiplier=decision.plan.noise_multiplier)
@@ -125,8 +131,8 @@ def evaluate_round(settings: RegionSettings, config: FedrecConfig, adapters: Sta
                    splits: list[str]) -> dict[str, float]:
     """Full-ranking metrics of the global adapters on this region's own users."""
     silo = settings.silo()
-    teacher = build_teacher(config, adapters)
-    ranker = EncoderRanker(teacher, silo.catalog, config.model.context_items, config.train.eval_batch_size)
+    teacher = build_teacher(config, adapters, silo, settings)
+    ranker = TeacherRanker(teacher, config.train.eval_batch_size)
     out = {}
     for split in splits:
         result = evaluate_ranker(ranker, {settings.region: silo}, split)[settings.region]

@@ -12,7 +12,8 @@ from fedrec.config import FedrecConfig
 from fedrec.errors import FedrecError
 from fedrec.federation.coordinator import Coordinator, log
 from fedrec.federation.run_folder import RunFolder
-from fedrec.model.teacher import Teacher
+from fedrec.data.silo import Catalog
+from fedrec.model.teacher import initial_tower_state, save_checkpoint
 
 app = ServerApp()
 
@@ -24,13 +25,14 @@ def main(grid: Grid, context: Context) -> None:
         raise FedrecError("federation.run_dir is not set", hint="Start runs with `fedrec server --run-dir DIR`.")
     run_dir = Path(config.federation.run_dir)
     run = RunFolder.open(run_dir, config.to_flat(), resume=config.federation.resume)
-    torch.manual_seed(config.train.seed)          # the same initial adapters on every restart
-    teacher = Teacher(config.model)
-    counts = teacher.parameter_counts()
+    if not config.federation.catalog:
+        raise FedrecError("federation.catalog is not set", hint="Start runs with `fedrec server --catalog CATALOG`.")
+    catalog = Catalog.load(config.federation.catalog)
+    torch.manual_seed(config.train.seed)          # the same initial tower on every restart
+    initial = initial_tower_state(config.model, catalog)
     log(f"run {run_dir.name}: {config.federation.rounds} rounds, strategy {config.federation.strategy}; "
-        f"adapters {counts['adapters']:,} of {counts['total']:,} teacher parameters travel")
-    adapters = Coordinator(grid, config, run_dir.name).run(run, teacher.adapter_state())
-    teacher.load_adapter_state(adapters)
-    teacher.save(run_dir / "final", {"federated_run": str(run_dir), "rounds": run.last_round(),
-                                     "privacy": run.claims})
+        f"the tower's {sum(v.size for v in initial.values()):,} parameters travel, for {len(catalog):,} catalog items")
+    tower = Coordinator(grid, config, run_dir.name, catalog.fingerprint).run(run, initial)
+    save_checkpoint(run_dir / "final", config.model, tower, catalog,
+                    {"federated_run": str(run_dir), "rounds": run.last_round(), "privacy": run.claims})
     log(f"final teacher saved in {run_dir / 'final'}")

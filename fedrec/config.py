@@ -18,31 +18,32 @@ from fedrec.errors import FedrecError
 
 @dataclass
 class ModelConfig:
-    """The text two-tower teacher: one encoder for items and for user contexts."""
+    """The teacher: a frozen pretrained text encoder gives items and queries their meaning; a small
+    collaborative tower over item vectors (the only part that trains and travels) makes it accurate."""
 
     encoder: str = ""                      # a Hugging Face encoder directory; "" = bundled all-MiniLM-L6-v2
-    lora_rank: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    lora_targets: str = "query,value"      # comma-separated module names that get adapters
+    dim: int = 64                          # item and user vector size
+    heads: int = 2                         # attention-pooling heads of the user tower
+    history_items: int = 50                # most recent items the user tower reads, newest first
+    max_age: int = 16                      # basket ages (0 = most recent basket) beyond this share one embedding
     temperature: float = 0.05              # softmax temperature of the retrieval loss
-    context_items: int = 10                # most recent items in a user context, newest first
-    max_context_tokens: int = 64
+    item_ids: bool = True                  # a learnt per-item vector beside the text one (collaborative signal)
+    item_text: bool = True                 # the encoder's text vector of each item (meaning, cold start)
     max_item_tokens: int = 32
+    max_query_tokens: int = 32
 
 
 @dataclass
 class TrainConfig:
     """Local optimisation; shared by central training and by each region in a federation."""
 
-    epochs: int = 5
-    batch_size: int = 32
-    lr: float = 1e-3
+    epochs: int = 10                       # central training: a cosine schedule over them, early-stopped
+    batch_size: int = 512                  # users per step (under DP: the expected Poisson batch)
+    lr: float = 2e-3
     weight_decay: float = 0.0
-    samples_per_user: int = 1              # examples drawn from each user's record per epoch
-    patience: int = 2                      # epochs without validation NDCG@10 gain before stopping
-    refresh_catalog_every: int = 0         # steps between catalog-embedding refreshes; 0 = once per epoch
-    eval_batch_size: int = 128
+    max_targets: int = 64                  # target-basket items per example (a random subset beyond)
+    patience: int = 3                      # epochs without validation NDCG@10 gain before stopping
+    eval_batch_size: int = 1024
     seed: int = 0
 
 
@@ -66,28 +67,26 @@ class FederationConfig:
     evaluate_every: int = 1                # rounds between evaluations on the regions' own users (0 = never)
     eval_splits: str = "val,test"
     run_dir: str = ""                      # the server's run folder (set by `fedrec server`)
+    catalog: str = ""                      # the public catalog the regions share (set by `fedrec server`)
     resume: bool = False                   # continue the run in run_dir from its last round
 
 
 @dataclass
 class DistillConfig:
-    """The student and how it learns from the teacher (public inputs only)."""
+    """The student that stands in for the teacher's encoder after export (public inputs only)."""
 
     layers: int = 2
     hidden: int = 128
     heads: int = 4
     intermediate: int = 512
     vocab_reserve: int = 1000              # extra common whole words kept beyond the catalog's
-    contexts: int = 6000                   # synthetic user contexts built from catalog items
-    queries_per_item: int = 1              # title fragments used as search queries
+    queries_per_item: int = 4              # title fragments used as search queries
     epochs: int = 20
     batch_size: int = 64
     lr: float = 2e-3
     candidates: int = 64                   # random catalog items per batch for the listwise loss
-    hard_candidates: int = 3               # plus each context's top items under the teacher
-    neighbours: int = 32                   # coherent contexts draw from a seed item's nearest items
+    hard_candidates: int = 3               # plus each text's top items under the teacher
     kl_weight: float = 1.0
-    kl_temperature: float = 0.05
     patience: int = 3
     seed: int = 0
 

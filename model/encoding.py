@@ -1,17 +1,24 @@
-"""What every text encoder here shares (teacher and student): batched, length-sorted encoding
-of catalog items and user contexts into L2-normalised embeddings."""
+"""What every text encoder here shares (the teacher's frozen encoder and the student): batched,
+length-sorted encoding of item texts and queries into L2-normalised embeddings."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-
-from fedrec.data.silo import Catalog
+import torch.nn.functional as F
 
 
 class TextEncoder(torch.nn.Module):
-    """Subclasses define `forward(input_ids, attention_mask)`, `tokenize(texts, max_tokens)`,
-    `dim`, and a `config` with max_item_tokens / max_context_tokens / context_items."""
+    """Subclasses set `encoder` (a transformers model) and define `tokenize(texts, max_tokens)`
+    and `dim`; `forward` mean-pools the last hidden state."""
+
+    def __init__(self, max_item_tokens: int, max_query_tokens: int):
+        super().__init__()
+        self.max_item_tokens, self.max_query_tokens = max_item_tokens, max_query_tokens
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return F.normalize(mean_pool(hidden, attention_mask), dim=-1)
 
     @torch.no_grad()
     def encode(self, texts: list[str], max_tokens: int, batch_size: int = 128) -> torch.Tensor:
@@ -27,11 +34,11 @@ class TextEncoder(torch.nn.Module):
         self.train(was_training)
         return out
 
-    def encode_items(self, catalog: Catalog, batch_size: int = 128) -> torch.Tensor:
-        return self.encode(catalog.texts(), self.config.max_item_tokens, batch_size)
+    def encode_items(self, texts: list[str], batch_size: int = 128) -> torch.Tensor:
+        return self.encode(texts, self.max_item_tokens, batch_size)
 
-    def encode_contexts(self, contexts: list[str], batch_size: int = 128) -> torch.Tensor:
-        return self.encode(contexts, self.config.max_context_tokens, batch_size)
+    def encode_queries(self, queries: list[str], batch_size: int = 128) -> torch.Tensor:
+        return self.encode(queries, self.max_query_tokens, batch_size)
 
     @property
     def device(self) -> torch.device:

@@ -54,3 +54,18 @@ def tiny_encoder(tmp_path_factory) -> Path:
     from fedrec.model.teacher import create_random_encoder
 
     return create_random_encoder(tmp_path_factory.mktemp("encoder") / "tiny", hidden=32, layers=2, heads=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(prepared, tiny_encoder, tmp_path_factory) -> Path:
+    """An untrained teacher checkpoint over the tiny encoder and the prepared slice's catalog."""
+    import torch
+
+    from fedrec.config import FedrecConfig
+    from fedrec.data.silo import Catalog
+    from fedrec.model.teacher import Teacher
+
+    torch.manual_seed(0)
+    teacher = Teacher(FedrecConfig.from_flat({"model.encoder": str(tiny_encoder)}).model,
+                      Catalog.load(prepared / "catalog.parquet"))
+    return teacher.save(tmp_path_factory.mktemp("teacher") / "teacher")

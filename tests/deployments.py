@@ -15,9 +15,10 @@ from fedrec.privacy.budget import RegionBudget
 REGIONS = ["eu", "row", "uk"]
 
 
-def tiny_config(tiny_encoder, **federation) -> FedrecConfig:
+def tiny_config(tiny_encoder, prepared: Path, **federation) -> FedrecConfig:
     values = {"model.encoder": str(tiny_encoder), "train.batch_size": 8, "federation.eval_splits": "val",
-              "federation.wait_for_regions": 120.0, "federation.round_timeout": 300.0}
+              "federation.wait_for_regions": 120.0, "federation.round_timeout": 300.0,
+              "federation.catalog": str(prepared / "catalog.parquet")}
     values.update({f"federation.{k}": v for k, v in federation.items()})
     return FedrecConfig.from_flat(values)
 

@@ -78,10 +78,15 @@ def test_silos_load_as_user_records(prepared):
     eu = silos["eu"]
     assert len(eu.users) == frame["user_id"].nunique()
     user = eu.users[0]
-    history, query, targets = user.eval_case("test")
+    history, ages, query, targets = user.eval_case("test")
     rows = frame[frame["user_id"] == user.user_id]
     assert sorted(eu.catalog.item_ids[i] for i in targets) == sorted(rows[rows["split"] == "test"]["item_id"])
     assert len(history) == (rows["split"] != "test").sum() and query == ""
+    # newest basket first, each item carrying its basket's age
+    earlier = rows[rows["split"] != "test"]
+    newest = earlier["basket"].max()
+    assert ages.tolist() == sorted(ages.tolist()) and ages[0] == 0
+    assert {eu.catalog.item_ids[i] for i in history[ages == 0]} == set(earlier[earlier["basket"] == newest]["item_id"])
 
 
 def write_bad(tmp_path, retail_slice, edit):

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer
 
 from fedrec.config import FedrecConfig
 from fedrec.data.silo import Catalog
-from fedrec.distill.distill import PUBLIC_INPUTS, agreement, distill, synthetic_contexts
+from fedrec.distill.distill import PUBLIC_INPUTS, agreement, distill, public_texts
 from fedrec.distill.student import Student, StudentConfig
 from fedrec.distill.vocab import prune_vocabulary
 from fedrec.model.teacher import Teacher
@@ -22,7 +22,7 @@ from fedrec.privacy.budget import RegionBudget
 from fedrec.privacy.spend import RegionPrivacy
 
 SMALL = {"distill.layers": 2, "distill.hidden": 32, "distill.heads": 2, "distill.intermediate": 64,
-         "distill.contexts": 600, "distill.epochs": 6, "distill.patience": 6, "distill.vocab_reserve": 50,
+         "distill.queries_per_item": 1, "distill.epochs": 6, "distill.patience": 6, "distill.vocab_reserve": 50,
          "distill.batch_size": 32, "distill.candidates": 64, "distill.lr": 0.005}
 
 
@@ -53,40 +53,38 @@ def test_pruned_vocabulary_reproduces_catalog_tokens(tiny_encoder, catalog, tmp_
     assert "'red'" in out and "'mug'" in out
 
 
-def dp_teacher_checkpoint(tiny_encoder, tmp_path):
+def dp_teacher_checkpoint(tiny_encoder, catalog, tmp_path):
     """A teacher checkpoint whose privacy claim points at a real region ledger."""
     privacy = RegionPrivacy("eu", RegionBudget(epsilon=8, delta=1e-5, noise_multiplier=1.0), tmp_path / "eu")
     entry = privacy.record(privacy.plan_round(400, 32, 1, 2), "run", 1)
     torch.manual_seed(0)
-    teacher = Teacher(FedrecConfig.from_flat({"model.encoder": str(tiny_encoder)}).model)
+    teacher = Teacher(FedrecConfig.from_flat({"model.encoder": str(tiny_encoder)}).model, catalog)
     claim = {"eu": {"epsilon": entry.epsilon, "delta": 1e-5, "accountant": "prv",
                     "ledger_head": privacy.ledger.head(), "budget_epsilon": 8.0}}
     return teacher, teacher.save(tmp_path / "teacher", {"privacy": claim}), privacy
 
 
 def test_distillation_raises_agreement_and_records_provenance(tiny_encoder, catalog, tmp_path):
-    teacher, checkpoint, privacy = dp_teacher_checkpoint(tiny_encoder, tmp_path)
+    teacher, checkpoint, privacy = dp_teacher_checkpoint(tiny_encoder, catalog, tmp_path)
     config = FedrecConfig.from_flat(SMALL)
-    rng = np.random.default_rng(123)
-    probe = synthetic_contexts(catalog, 200, 10, rng)
-    teacher_items, teacher_probe = teacher.encode_items(catalog), teacher.encode_contexts(probe)
+    probe = public_texts(catalog, 1, np.random.default_rng(123))[-200:]         # title fragments
+    targets, items = teacher.encoder.encode_queries(probe), teacher.item_matrix()
 
     pruned, kept = prune_vocabulary((tiny_encoder / "tokenizer.json").read_text(), catalog.texts() + probe, 50)
     torch.manual_seed(0)
-    untrained = Student(StudentConfig.derive(config.distill, teacher.config, len(kept), teacher.dim), pruned)
-    before = agreement(untrained, teacher_probe, teacher_items, probe, catalog)
+    untrained = Student(StudentConfig.derive(config.distill, teacher.config, len(kept), teacher.encoder.dim), pruned)
+    before = agreement(untrained, teacher, probe, targets, items)
 
-    student, result = distill(teacher, checkpoint, catalog, config, tmp_path / "student", log=lambda _: None)
-    after = agreement(student, teacher_probe, teacher_items, probe, catalog)
-    assert after["context_cosine"] > before["context_cosine"] + 0.3, (before, after)
-    assert after["top10_overlap"] > before["top10_overlap"] + 0.15, (before, after)
-    assert student.parameter_count() * 10 <= sum(p.numel() for p in teacher.encoder.parameters())
+    student, result = distill(teacher, checkpoint, config, tmp_path / "student", log=lambda _: None)
+    after = agreement(student, teacher, probe, targets, items)
+    assert after["cosine"] > before["cosine"] + 0.3, (before, after)
+    assert after["search_top10_overlap"] > before["search_top10_overlap"] + 0.15, (before, after)
 
     meta = json.loads((tmp_path / "student" / "student.json").read_text())
     assert meta["teacher"] == str(checkpoint.resolve()) and meta["distillation_inputs"] == PUBLIC_INPUTS
     assert meta["privacy"]["eu"]["ledger_head"] == privacy.ledger.head() and meta["additional_epsilon"] == 0.0
     reloaded = Student.load(tmp_path / "student")
-    torch.testing.assert_close(reloaded.encode_contexts(probe[:5]), student.encode_contexts(probe[:5]))
+    torch.testing.assert_close(reloaded.encode_queries(probe[:5]), student.encode_queries(probe[:5]))
 
     report = audit([tmp_path / "eu"], bundle=tmp_path / "student")
     assert report.ok and [c["source"].split("/")[-1] for c in report.claims_checked] == ["student.json", "teacher.json"]

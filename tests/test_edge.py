@@ -18,16 +18,16 @@ import torch
 
 from fedrec.config import FedrecConfig
 from fedrec.data.silo import Catalog
-from fedrec.distill.distill import distill, title_fragment
+from fedrec.distill.distill import distill
+from fedrec.evaluation.search import title_fragment
 from fedrec.edge_runtime import BundleError, EdgeModel, open_bundle, verify_bundle
 from fedrec.edge_runtime.server import make_server
 from fedrec.errors import FedrecError
 from fedrec.export.bundle import export_bundle
 from fedrec.model.teacher import Teacher
-from fedrec.text import context_text
 
 STUDENT = {"distill.layers": 2, "distill.hidden": 64, "distill.heads": 2, "distill.intermediate": 128,
-           "distill.contexts": 400, "distill.epochs": 2, "distill.vocab_reserve": 50, "distill.candidates": 64}
+           "distill.queries_per_item": 1, "distill.epochs": 2, "distill.vocab_reserve": 50, "distill.candidates": 64}
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +36,21 @@ def catalog(prepared):
 
 
 @pytest.fixture(scope="module")
-def student_dir(tiny_encoder, catalog, tmp_path_factory):
-    root = tmp_path_factory.mktemp("student")
+def teacher_dir(tiny_encoder, catalog, tmp_path_factory):
+    """A teacher whose tower really shapes its output (trained-looking item vectors and weights)."""
     torch.manual_seed(0)
-    teacher = Teacher(FedrecConfig.from_flat({"model.encoder": str(tiny_encoder)}).model)
-    checkpoint = teacher.save(root / "teacher")
-    student, _ = distill(teacher, checkpoint, catalog, FedrecConfig.from_flat(STUDENT), root / "student",
-                         log=lambda _: None)
+    teacher = Teacher(FedrecConfig.from_flat({"model.encoder": str(tiny_encoder)}).model, catalog)
+    with torch.no_grad():
+        for p in teacher.tower.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return teacher.save(tmp_path_factory.mktemp("teacher") / "teacher")
+
+
+@pytest.fixture(scope="module")
+def student_dir(teacher_dir, catalog, tmp_path_factory):
+    root = tmp_path_factory.mktemp("student")
+    distill(Teacher.load(teacher_dir, catalog), teacher_dir, FedrecConfig.from_flat(STUDENT), root / "student",
+            log=lambda _: None)
     return root / "student"
 
 
@@ -62,82 +70,74 @@ def search_overlap(a: EdgeModel, b: EdgeModel, catalog) -> float:
                           zip(a.search_batch(queries(catalog)), b.search_batch(queries(catalog)))]))
 
 
-def test_onnx_matches_torch_and_int8_stays_close(student_dir, bundle, catalog):
-    from fedrec.distill.student import Student
-    from fedrec.text import context_text
+def histories(catalog, n=60, seed=5):
+    """(positions newest first, basket ages) of random real-length histories, some past the tower's limit."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        size = int(rng.integers(1, 70))
+        out.append((rng.choice(len(catalog), size, replace=False), np.sort(rng.integers(0, 20, size))))
+    return out
 
-    student = Student.load(student_dir)
-    texts = [context_text([], q) for q in queries(catalog)]
-    reference = student.encode(texts, student.config.max_context_tokens).numpy()
+
+def test_both_onnx_graphs_match_torch_and_int8_stays_close(teacher_dir, student_dir, bundle, catalog):
+    from fedrec.distill.student import Student
+
+    teacher = Teacher.load(teacher_dir, catalog)
+    users = teacher.user_matrix(teacher.encode_histories(histories(catalog))).numpy()
+    with torch.no_grad():
+        search = teacher.user_matrix(teacher.query_users(Student.load(student_dir).encode_queries(queries(catalog)))).numpy()
     fp32, int8 = EdgeModel(bundle, "fp32"), EdgeModel(bundle, "int8")
-    cos32 = (fp32.embed(texts) * reference).sum(1)
-    cos8 = (int8.embed(texts) * reference).sum(1)
-    assert cos32.min() >= 0.9999, cos32.min()
-    assert cos8.mean() >= 0.99, cos8.mean()
+    for edge, tolerance in ((fp32, 1e-4), (int8, None)):
+        got = edge.embed_histories([h.tolist() for h, _ in histories(catalog)], [a.tolist() for _, a in histories(catalog)])
+        queried = edge.embed_queries(queries(catalog))
+        cosine = [(x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
+                  for x, y in ((got, users), (queried, search))]
+        if tolerance:
+            np.testing.assert_allclose(got, users, rtol=tolerance, atol=tolerance)
+            np.testing.assert_allclose(queried, search, rtol=tolerance, atol=tolerance)
+        else:
+            assert min(c.min() for c in cosine) >= 0.99, [c.min() for c in cosine]
     overlap = search_overlap(fp32, int8, catalog)
     assert overlap >= 0.9, overlap
 
 
 def test_runtime_results_equal_a_direct_computation_from_the_files(bundle, catalog):
     import onnxruntime as ort
-    from tokenizers import Tokenizer
-
-    from fedrec.text import context_text
 
     model = EdgeModel(bundle, "fp32")
-    items = np.load(bundle / "items.npy").astype(np.float32)
+    items = np.load(bundle / "items.npy")
     names = json.loads((bundle / "items.json").read_text())
-    positions = [int(p) for p in np.argsort([-len(t) for t in names["titles"]])[:10]]    # the longest titles:
-    history = [names["item_ids"][p] for p in positions]                                  # cut at the token limit
-    tokenizer = Tokenizer.from_file(str(bundle / "tokenizer.json"))
-    encoding = tokenizer.encode(context_text([names["titles"][p] for p in positions]))
-    assert len(encoding.ids) == verify_bundle(bundle)["model"]["max_context_tokens"]
-    session = ort.InferenceSession(str(bundle / "encoder.fp32.onnx"))
-    user = session.run(None, {"input_ids": np.array([encoding.ids]), "attention_mask": np.array([encoding.attention_mask])})[0][0]
+    positions, ages = [3, 17, 42, 8, 99], [0, 0, 1, 2, 2]
+    history = [names["item_ids"][p] for p in positions]
+    session = ort.InferenceSession(str(bundle / "user_tower.fp32.onnx"))
+    user = session.run(None, {"history": np.array([positions]), "ages": np.array([ages]),
+                              "mask": np.ones((1, len(positions)), dtype=np.int64)})[0][0]
     scores = items @ user
     scores[positions] = -np.inf
     expected = np.argsort(-scores)[:5]
-    results = model.recommend(history, 5)
+    results = model.recommend(history, 5, ages=ages)
     assert [r.item_id for r in results] == [names["item_ids"][i] for i in expected]
     np.testing.assert_allclose([r.score for r in results], scores[expected], rtol=1e-5)
     for r in results:
         i = names["item_ids"].index(r.item_id)
-        best = max(positions, key=lambda h: float(items[i] @ items[h]))
+        best = max(positions, key=lambda h: float(items[i, :-1] @ items[h, :-1]))
         assert r.because == names["titles"][best]
+    assert [r.item_id for r in model.recommend(history, 5)] != [r.item_id for r in results], "ages matter"
     similar = model.similar(names["item_ids"][0], 3)
     assert names["item_ids"][0] not in [r.item_id for r in similar]
+    with pytest.raises(ValueError, match="one basket age per history item"):
+        model.recommend(history, 5, ages=[0])
 
 
-def test_context_tokens_from_cached_titles_equal_tokenizing_the_context(bundle, catalog):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    from fedrec.edge_runtime.context_tokens import ContextTokens
-
-    model = EdgeModel(bundle)
-    assert model.context_tokens.usable, "WordPiece with BERT's pre-tokenizer splits at the separator"
-    rng = np.random.default_rng(3)
-    histories = [list(rng.choice(len(catalog), rng.integers(0, 14), replace=False)) for _ in range(300)]
-    cut = 0
-    for history in histories:
-        expected = model.tokenizer.encode(model.context_tokens.text(history)).ids
-        assert model.context_tokens.ids(history) == expected, history
-        cut += len(expected) == model.max_context_tokens
-    assert cut > 50, "the length limit was exercised"
-
-    # byte-level BPE marks a word after a space differently: the shortcut must turn itself off
-    byte_level = Tokenizer(models.BPE())
-    byte_level.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    byte_level.train_from_iterator(catalog.titles, trainers.BpeTrainer(vocab_size=400, show_progress=False))
-    assert not ContextTokens(byte_level, catalog.titles, 64, 10).usable
-
-
-def test_manifest_describes_the_bundle(bundle, student_dir):
+def test_manifest_describes_the_bundle(bundle, teacher_dir, catalog):
     manifest = verify_bundle(bundle)
-    assert manifest["model"]["kind"] == "student" and manifest["source"] == str(student_dir.resolve())
-    assert set(manifest["files"]) == {"encoder.fp32.onnx", "encoder.int8.onnx", "tokenizer.json", "items.npy", "items.json"}
-    assert np.load(bundle / "items.npy").dtype == np.float16
-    norms = np.linalg.norm(np.load(bundle / "items.npy").astype(np.float32), axis=1)
-    np.testing.assert_allclose(norms, 1.0, atol=2e-3)
+    assert manifest["model"]["kind"] == "student" and manifest["source"] == "student"
+    assert set(manifest["files"]) == {"user_tower.fp32.onnx", "user_tower.int8.onnx", "query_encoder.fp32.onnx",
+                                      "query_encoder.int8.onnx", "tokenizer.json", "items.npy", "items.json"}
+    teacher = Teacher.load(teacher_dir, catalog)
+    np.testing.assert_allclose(np.load(bundle / "items.npy"), teacher.item_matrix().numpy(), rtol=1e-6)
+    assert manifest["model"]["parameters"]["tower"] == teacher.parameter_counts()["tower"]
 
 
 @pytest.mark.parametrize("damage, words", [
@@ -157,7 +157,7 @@ def test_damaged_bundles_are_refused(bundle, tmp_path, damage, words):
 
 def test_archives_are_verified_and_cannot_escape(bundle, tmp_path):
     folder = open_bundle(bundle.with_name("bundle.tar.gz"), tmp_path / "unpacked")
-    assert verify_bundle(folder)["format_version"] == 1
+    assert verify_bundle(folder)["format_version"] == 2
     truncated = tmp_path / "truncated.tar.gz"
     truncated.write_bytes(bundle.with_name("bundle.tar.gz").read_bytes()[:2000])
     with pytest.raises(BundleError, match="not a readable"):
@@ -239,7 +239,7 @@ def test_int8_index_returns_the_exact_top_k_on_real_item_vectors(bundle, catalog
     model = EdgeModel(bundle)
     vectors = model.index.vectors
     quantized = QuantizedIndex(int8_scan_model(vectors), vectors, rerank=50)
-    users = model.embed([context_text([], q) for q in queries(catalog)])
+    users = model.embed_queries(queries(catalog))
     exclude = [np.arange(i, i + 3) for i in range(len(users))]
     for kwargs in ({}, {"exclude": exclude}):
         exact_top, exact_scores = Index(vectors).search(users, 10, **kwargs)
@@ -286,21 +286,22 @@ def test_tensorrt_without_a_gpu_is_a_clear_error(student_dir, catalog, tmp_path)
     assert not (tmp_path / "trt").exists(), "nothing half-written"
 
 
-def test_fp16_encoder_for_gpus_keeps_float32_io_and_matches_fp32(student_dir, bundle, catalog, tmp_path):
+def test_fp16_query_encoder_for_gpus_keeps_float32_io_and_matches_fp32(student_dir, bundle, catalog, tmp_path):
     import onnx
     import onnxruntime as ort
 
     gpu_bundle = export_bundle(student_dir, catalog, tmp_path / "fp16", int8=False, fp16=True)
-    assert verify_bundle(gpu_bundle)["model"]["onnx"] == {"fp32": "encoder.fp32.onnx", "fp16": "encoder.fp16.onnx"}
-    graph = onnx.load(str(gpu_bundle / "encoder.fp16.onnx")).graph
+    assert verify_bundle(gpu_bundle)["model"]["onnx"]["query_encoder"] == {"fp32": "query_encoder.fp32.onnx",
+                                                                           "fp16": "query_encoder.fp16.onnx"}
+    graph = onnx.load(str(gpu_bundle / "query_encoder.fp16.onnx")).graph
     weights = [w for w in graph.initializer if len(w.dims) == 2]
     assert weights and all(w.data_type == onnx.TensorProto.FLOAT16 for w in weights)
     assert [i.type.tensor_type.elem_type for i in graph.input] == [onnx.TensorProto.INT64] * 2
     assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
 
     fp16, fp32 = EdgeModel(gpu_bundle, "fp16"), EdgeModel(bundle, "fp32")
-    texts = [context_text([], q) for q in queries(catalog)]
-    cosine = (fp16.embed(texts) * fp32.embed(texts)).sum(1)
+    a, b = fp16.embed_queries(queries(catalog)), fp32.embed_queries(queries(catalog))
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cosine.min() >= 0.999, cosine.min()
     overlap = search_overlap(fp16, fp32, catalog)
     assert overlap >= 0.9, overlap
@@ -318,25 +319,19 @@ def test_tensorrt_engine_builds_on_a_gpu_and_matches_onnx_runtime(student_dir, b
     from fedrec.export.tensorrt import Engine
 
     folder = export_bundle(student_dir, catalog, tmp_path / "trt", tensorrt=True)
-    assert verify_bundle(folder)["model"]["tensorrt_engine"] == "encoder.fp16.plan"
+    assert verify_bundle(folder)["model"]["tensorrt_engine"] == "query_encoder.fp16.plan"
     cpu = EdgeModel(bundle, "fp32")
-    feed = cpu.inputs([e.ids for e in cpu.tokenizer.encode_batch([context_text([], q) for q in queries(catalog)])])
+    feed = cpu.inputs([e.ids for e in cpu.tokenizer.encode_batch(queries(catalog))])
     reference = cpu.session.run(None, feed)[0]
-    cosine = (Engine(folder / "encoder.fp16.plan").embed(feed["input_ids"], feed["attention_mask"]) * reference).sum(1)
+    got = Engine(folder / "query_encoder.fp16.plan").embed(feed["input_ids"], feed["attention_mask"])
+    cosine = (got * reference).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(reference, axis=1)
     assert cosine.min() >= 0.999, cosine.min()
 
 
-def test_the_teacher_exports_too_with_adapters_merged(tiny_encoder, catalog, tmp_path):
-    from fedrec.text import context_text
-
-    torch.manual_seed(0)
-    teacher = Teacher(FedrecConfig.from_flat({"model.encoder": str(tiny_encoder)}).model)
-    with torch.no_grad():          # adapters that really change the output, so merging matters
-        for p in teacher.adapter_parameters().values():
-            p.add_(0.2 * torch.randn_like(p))
-    checkpoint = teacher.save(tmp_path / "teacher")
-    bundle = export_bundle(checkpoint, catalog, tmp_path / "bundle", int8=False)
-    texts = [context_text([], q) for q in queries(catalog, 20)]
-    reference = teacher.encode(texts, teacher.config.max_context_tokens).numpy()
-    cosine = (EdgeModel(bundle, "fp32").embed(texts) * reference).sum(1)
-    assert verify_bundle(bundle)["model"]["kind"] == "teacher" and cosine.min() >= 0.9999
+def test_the_teacher_exports_too_with_its_own_encoder_for_queries(teacher_dir, catalog, tmp_path):
+    teacher = Teacher.load(teacher_dir, catalog)
+    bundle = export_bundle(teacher_dir, catalog, tmp_path / "bundle", int8=False)
+    reference = teacher.user_matrix(teacher.encode_queries(queries(catalog, 20))).numpy()
+    np.testing.assert_allclose(EdgeModel(bundle, "fp32").embed_queries(queries(catalog, 20)), reference,
+                               rtol=1e-4, atol=1e-4)
+    assert verify_bundle(bundle)["model"]["kind"] == "teacher"

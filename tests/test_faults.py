@@ -44,7 +44,7 @@ def test_regions_killed_or_hung_at_each_stage_never_undercount(tiny_encoder, pre
         for node in nodes:
             node.wait_for("SuperNode ID:", 120)
         control = deployment.control()
-        config = tiny_config(tiny_encoder, rounds=3, min_regions=1, round_timeout=TIMEOUT, evaluate_every=0)
+        config = tiny_config(tiny_encoder, prepared, rounds=3, min_regions=1, round_timeout=TIMEOUT, evaluate_every=0)
         run_id = control.submit(run_config(config, run_dir, resume=False))
 
         wait_until(lambda: all(m.exists() for m in markers.values()), 180, "every region to reach its stage")

@@ -25,7 +25,7 @@ from fedrec.training.objective import can_train
 
 def test_two_rounds_three_regions_with_dp_decline_average_and_audit(tiny_encoder, prepared, tmp_path):
     run_dir = tmp_path / "run"
-    config = tiny_config(tiny_encoder, rounds=2, min_regions=2)
+    config = tiny_config(tiny_encoder, prepared, rounds=2, min_regions=2)
     row_users = sum(can_train(u) for u in load_silo(prepared / "row").users)
     q, steps = round_shape(row_users, config.train.batch_size, 1)
     one_round = opacus_epsilon([(2.0, q, steps)], 1e-3)
@@ -52,7 +52,7 @@ def test_two_rounds_three_regions_with_dp_decline_average_and_audit(tiny_encoder
             expected = sum(weights[r] * sent[r][name].astype(np.float64) for r in regions) / total
             np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-7)
     assert not sent_update_path(run_dir / "regions" / "row", run_dir.name, 2).exists(), "nothing left row in round 2"
-    assert (run_dir / "final" / "adapters.safetensors").is_file()
+    assert (run_dir / "final" / "tower.safetensors").is_file()
     final_meta = json.loads((run_dir / "final" / "teacher.json").read_text())
     assert sorted(final_meta["privacy"]) == ["eu", "row"]
 
@@ -89,7 +89,7 @@ def start_run(deployment, tiny_encoder, run_dir, min_regions):
     deployment.start_superlink()
     for region in REGIONS:
         deployment.start_region(region)
-    config = tiny_config(tiny_encoder, rounds=3, min_regions=min_regions, evaluate_every=10)
+    config = tiny_config(tiny_encoder, deployment.prepared, rounds=3, min_regions=min_regions, evaluate_every=10)
     control = deployment.control()
     return config, control, control.submit(run_config(config, run_dir, resume=False))
 

@@ -76,23 +76,16 @@ def test_any_bytes_in_the_input_files_give_silos_or_a_located_error(tmp_path_fac
 
 
 @pytest.fixture(scope="module")
-def small_bundle(prepared, tiny_encoder, tmp_path_factory):
-    import torch
-
-    from fedrec.config import FedrecConfig
+def small_bundle(prepared, tiny_teacher, tmp_path_factory):
     from fedrec.data.silo import Catalog
     from fedrec.export.bundle import export_bundle
-    from fedrec.model.teacher import Teacher
 
-    torch.manual_seed(0)
-    teacher = Teacher(FedrecConfig.from_flat({"model.encoder": str(tiny_encoder)}).model)
-    root = tmp_path_factory.mktemp("hostile")
-    return export_bundle(teacher.save(root / "teacher"), Catalog.load(prepared / "catalog.parquet"),
-                         root / "bundle", int8=False, tar=True)
+    return export_bundle(tiny_teacher, Catalog.load(prepared / "catalog.parquet"),
+                         tmp_path_factory.mktemp("hostile") / "bundle", int8=False, tar=True)
 
 
 @FAST
-@given(name=st.sampled_from(["encoder.fp32.onnx", "tokenizer.json", "items.npy", "items.json", "manifest.json"]),
+@given(name=st.sampled_from(["user_tower.fp32.onnx", "query_encoder.fp32.onnx", "tokenizer.json", "items.npy", "items.json", "manifest.json"]),
        position=st.floats(0, 1), cut=st.booleans())
 def test_any_flipped_or_truncated_byte_is_refused(small_bundle, tmp_path_factory, name, position, cut):
     copy = shutil.copytree(small_bundle, tmp_path_factory.mktemp("flip") / "b")

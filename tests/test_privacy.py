@@ -11,7 +11,6 @@ import time
 import numpy as np
 import pytest
 import torch
-from opacus.grad_sample import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
 from fedrec.config import FedrecConfig
@@ -21,66 +20,58 @@ from fedrec.model.teacher import Teacher
 from fedrec.privacy.accountant import noise_for_budget, opacus_epsilon, pld_epsilon
 from fedrec.privacy.audit import audit
 from fedrec.privacy.budget import RegionBudget
-from fedrec.privacy.dp_sgd import DPPlan, train_private
+from fedrec.privacy.dp_sgd import DPPlan, per_user_gradients, train_private
 from fedrec.privacy.ledger import Ledger, LedgerError
 from fedrec.privacy.spend import RegionPrivacy, segments
-from fedrec.training.objective import Example, RetrievalObjective, can_train
+from fedrec.training.objective import Example, RetrievalObjective, batch_inputs, can_train
 
 
-def objective_for(tiny_encoder, prepared, perturb=0.05):
+def objective_for(tiny_encoder, prepared, perturb=0.1):
     silos = load_dataset(prepared)
     torch.manual_seed(0)
-    teacher = Teacher(FedrecConfig.from_flat({"model.encoder": str(tiny_encoder)}).model)
-    with torch.no_grad():        # non-zero LoRA B, so every adapter tensor gets a gradient
-        for p in teacher.adapter_parameters().values():
-            p.add_(perturb * torch.randn_like(p))
-    objective = RetrievalObjective(teacher, silos["uk"].catalog)
-    objective.refresh_catalog()
-    return objective, silos
+    teacher = Teacher(FedrecConfig.from_flat({"model.encoder": str(tiny_encoder)}).model, silos["uk"].catalog)
+    with torch.no_grad():        # non-zero item vectors, so every tensor gets a gradient
+        teacher.tower.item_vectors.add_(perturb * torch.randn_like(teacher.tower.item_vectors))
+    return RetrievalObjective(teacher.tower), silos
 
 
-def per_user_grads(objective, examples):
-    model = GradSampleModule(objective, loss_reduction="mean")
-    try:
-        model(**objective.inputs(examples)).mean().backward()
-        grads = torch.cat([p.grad_sample.flatten(1) for p in objective.teacher.adapter_parameters().values()], 1)
-    finally:
-        model.to_standard_module()
-        for p in objective.teacher.adapter_parameters().values():
-            p.grad = None
-    return grads
+def example(history, targets, ages=None) -> Example:
+    history = np.array(history)
+    return Example(history, np.zeros(len(history), dtype=np.int64) if ages is None else np.array(ages), np.array(targets))
+
+
+def flat(grads: dict, row: int) -> torch.Tensor:
+    return torch.cat([g[row].flatten() for g in grads.values()])
 
 
 def test_changing_one_user_changes_only_that_users_per_sample_gradient(tiny_encoder, prepared):
     objective, _ = objective_for(tiny_encoder, prepared)
-    examples = [Example(np.array([1, 2, 3]), "", 4), Example(np.array([5, 6]), "", 7),
-                Example(np.array([8, 9]), "lamp", 10), Example(np.array([11]), "", 12)]
+    rng = np.random.default_rng(0)
+    examples = [example([1, 2, 3], [4]), example([5, 6], [7, 8], [0, 1]), example([8, 9], [10]), example([11], [12])]
     changed = list(examples)
-    changed[2] = Example(np.array([20, 21, 22]), "", 23)
-    before, after = per_user_grads(objective, examples), per_user_grads(objective, changed)
+    changed[2] = example([20, 21, 22], [23, 24, 25], [0, 1, 1])
+    before = per_user_gradients(objective, batch_inputs(examples, 50, 64, rng))
+    after = per_user_gradients(objective, batch_inputs(changed, 50, 64, rng))
     for i in (0, 1, 3):
-        torch.testing.assert_close(before[i], after[i], atol=1e-6, rtol=1e-5)
-    assert (before[2] - after[2]).norm() > 1e-4
-    # Opacus' per-user gradients agree with plain autograd on each example alone
+        torch.testing.assert_close(flat(before, i), flat(after, i), atol=1e-6, rtol=1e-5)
+    assert (flat(before, 2) - flat(after, 2)).norm() > 1e-4
+    # each per-user gradient is plain autograd on that user's example alone
+    params = dict(objective.named_parameters())
     for i in range(len(examples)):
-        loss = objective(**objective.inputs([examples[i]]))[0]
-        grads = torch.autograd.grad(loss, list(objective.teacher.adapter_parameters().values()))
-        torch.testing.assert_close(before[i], torch.cat([g.flatten() for g in grads]), atol=1e-6, rtol=1e-4)
+        loss = objective(**batch_inputs([examples[i]], 50, 64, rng))[0]
+        alone = torch.autograd.grad(loss, list(params.values()))
+        torch.testing.assert_close(flat(before, i), torch.cat([g.flatten() for g in alone]), atol=3e-5, rtol=1e-3)
 
 
-def test_dp_round_changes_lora_weights(tiny_encoder, prepared):
+def test_dp_round_changes_the_tower(tiny_encoder, prepared):
     objective, silos = objective_for(tiny_encoder, prepared, perturb=0.0)
     users = [u for u in silos["uk"].users if can_train(u)]
-    before = objective.teacher.adapter_state()
+    before = {k: v.detach().clone() for k, v in objective.tower.named_parameters()}
     cfg = FedrecConfig.from_flat({"train.lr": 0.01}).train
-    loss = train_private(objective, users, cfg, DPPlan(len(users), 0.25, 3, 1.0, 1.0))
-    after = objective.teacher.adapter_state()
-    assert np.isfinite(loss)
-    for name in before:
-        assert not np.allclose(before[name], after[name]), f"{name} did not move under DP"
-    # the hooks are gone: the teacher trains and encodes normally afterwards
-    assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None
-                   for p in objective.teacher.adapter_parameters().values())
+    assert train_private(objective, users, cfg, DPPlan(len(users), 0.25, 3, 1.0, 1.0)) is None   # nothing private out
+    for name, value in objective.tower.named_parameters():
+        assert not torch.allclose(before[name], value), f"{name} did not move under DP"
+        assert getattr(value, "grad_sample", None) is None
 
 
 def test_identical_seeds_never_release_identical_noise(tiny_encoder, prepared):
@@ -90,8 +81,8 @@ def test_identical_seeds_never_release_identical_noise(tiny_encoder, prepared):
     for _ in range(2):
         objective, silos = objective_for(tiny_encoder, prepared, perturb=0.0)   # seeds torch with 0
         users = [u for u in silos["uk"].users if can_train(u)]
-        train_private(objective, users, FedrecConfig().train, DPPlan(len(users), 1.0, 1, 1.0, 1.0))
-        released.append(objective.teacher.adapter_state())
+        train_private(objective, users, FedrecConfig().train, DPPlan(len(users), 0.25, 1, 1.0, 1.0))
+        released.append({k: v.detach().numpy().copy() for k, v in objective.tower.named_parameters()})
     differences = [np.abs(released[0][k] - released[1][k]).max() for k in released[0]]
     assert min(differences) > 1e-6, "the same seeds gave the same noise"
 
@@ -99,20 +90,16 @@ def test_identical_seeds_never_release_identical_noise(tiny_encoder, prepared):
 @pytest.mark.parametrize("sigma, clip, batch", [(1.0, 1.0, 8), (0.7, 2.0, 32)])
 def test_noise_std_matches_sigma_c_over_b(tiny_encoder, prepared, sigma, clip, batch):
     objective, _ = objective_for(tiny_encoder, prepared)
-    params = list(objective.teacher.adapter_parameters().values())
-    model = GradSampleModule(objective, loss_reduction="mean")
+    params = list(objective.parameters())
     optimizer = DPOptimizer(torch.optim.SGD(params, lr=1.0), noise_multiplier=sigma, max_grad_norm=clip,
                             expected_batch_size=batch)
-    examples = [Example(np.array([1, 2]), "", 3 + i) for i in range(4)]
     samples = []
-    try:
-        for _ in range(20):
-            optimizer.zero_grad()
-            (model(**objective.inputs(examples)) * 0.0).mean().backward()   # zero gradients
-            assert optimizer.pre_step()
-            samples.append(torch.cat([p.grad.flatten() for p in params]))
-    finally:
-        model.to_standard_module()
+    for _ in range(5):
+        optimizer.zero_grad()
+        for p in params:                          # four users, all with zero gradients
+            p.grad_sample = torch.zeros((4, *p.shape))
+        assert optimizer.pre_step()
+        samples.append(torch.cat([p.grad.flatten() for p in params]))
     noise = torch.cat(samples)
     expected = sigma * clip / batch
     assert abs(noise.mean().item()) < 4 * expected / noise.numel() ** 0.5

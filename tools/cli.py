@@ -54,7 +54,10 @@ def _config(config: Optional[Path], overrides: List[str], encoder: Optional[str]
     values = _overrides(overrides)
     if encoder is not None:
         values["model.encoder"] = encoder
-    return FedrecConfig.load(config, values)
+    loaded = FedrecConfig.load(config, values)
+    if loaded.model.encoder:       # checkpoints record it: a path that still means the same folder elsewhere
+        loaded.model.encoder = str(Path(loaded.model.encoder).resolve())
+    return loaded
 
 
 def _regions(spec: str) -> list[str] | None:
@@ -116,7 +119,8 @@ def train(
 
     cfg = _config(config, set_, encoder)
     silos = load_dataset(data, _regions(regions))
-    teacher = Teacher(cfg.model).to(pick_device())
+    typer.echo("encoding the catalog's item texts with the frozen encoder")
+    teacher = Teacher(cfg.model, next(iter(silos.values())).catalog).to(pick_device())
     result = fit(teacher, silos, cfg, out, log=typer.echo)
     typer.echo(f"best epoch {result.best_epoch}: val NDCG@10 {result.best_val_ndcg:.4f}; saved {out}")
 
@@ -127,8 +131,9 @@ def evaluate(
     checkpoint: List[Path] = typer.Option([], "--checkpoint", help="Teacher or student checkpoint(s) to compare."),
     regions: str = typer.Option("all", help="'all' or a comma list of regions to evaluate on."),
     split: str = typer.Option("test", help="'test' or 'val'."),
-    baselines: bool = typer.Option(True, help="Popularity (global, per region) and co-occurrence."),
-    zero_shot: bool = typer.Option(True, help="The pretrained encoder without adapters."),
+    peers: bool = typer.Option(True, help="The non-private peers: popularity (global, per region), "
+                                           "co-occurrence, ItemKNN, EASE (λ chosen on validation)."),
+    zero_shot: bool = typer.Option(True, help="The pretrained encoder alone (item text similarity)."),
     encoder: Optional[str] = typer.Option(None, help="Encoder directory for the zero-shot model."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON."),
 ) -> None:
@@ -140,7 +145,7 @@ def evaluate(
     if split not in ("test", "val"):
         raise FedrecError(f"--split must be 'test' or 'val', got {split!r}")
     silos = load_dataset(data, _regions(regions))
-    rankers = build_rankers(silos, checkpoint, baselines=baselines, zero_shot=zero_shot, encoder=encoder)
+    rankers = build_rankers(silos, checkpoint, peers=peers, zero_shot=zero_shot, encoder=encoder, log=typer.echo)
     report = run(rankers, silos, split)
     typer.echo(format_report(report))
     if json_out:
@@ -185,6 +190,7 @@ def certs(out: Path = typer.Option(..., "--out", help="Folder for ca.crt, server
 @app.command()
 def server(
     run_dir: Path = typer.Option(..., "--run-dir", help="Run folder: config, checkpoints, metrics, final teacher."),
+    catalog: Path = typer.Option(..., help="The public catalog every region shares (catalog.parquet of `fedrec data prepare`)."),
     rounds: Optional[int] = typer.Option(None, help="Number of rounds (default from the config)."),
     min_regions: Optional[int] = typer.Option(None, help="Fewest regions that must reply for a round to count."),
     resume: bool = typer.Option(False, help="Continue the run in --run-dir from its last completed round."),
@@ -203,6 +209,7 @@ def server(
     from fedrec.federation.launch import submit_and_follow
 
     cfg = _config(config, set_)
+    cfg.federation.catalog = str(catalog)
     if rounds is not None:
         cfg.federation.rounds = rounds
     if min_regions is not None:
@@ -383,10 +390,11 @@ def distill_command(
 
     checkpoint = teacher / "final" if not (teacher / TEACHER_FILE).exists() and (teacher / "final").is_dir() else teacher
     cfg = _config(config, set_)
-    model = Teacher.load(checkpoint).to(pick_device())
-    student, result = distill(model, checkpoint, Catalog.load(data / "catalog.parquet"), cfg, out, typer.echo)
+    model = Teacher.load(checkpoint, Catalog.load(data / "catalog.parquet")).to(pick_device())
+    student, result = distill(model, checkpoint, cfg, out, typer.echo)
     typer.echo(f"student saved in {out}: {student.parameter_count():,} parameters, best epoch {result.best_epoch}, "
-               f"top-10 overlap {result.validation['top10_overlap']:.3f} ({result.seconds:.0f}s)")
+               f"search top-10 overlap with the teacher {result.validation['search_top10_overlap']:.3f} "
+               f"({result.seconds:.0f}s)")
 
 
 # -- edge --------------------------------------------------------------------------------------
@@ -395,14 +403,15 @@ def export_command(
     model: Path = typer.Argument(..., help="A student or teacher checkpoint (or a run folder: uses RUN/final)."),
     out: Path = typer.Option(..., "--out", help="Bundle folder."),
     data: Path = typer.Option(..., "--data", help="Prepared dataset: its catalog becomes the bundle's items."),
-    int8: bool = typer.Option(True, help="Also write the INT8 (dynamic quantization) encoder."),
-    fp16: bool = typer.Option(False, help="Also write the FP16 encoder, for GPUs (ONNX Runtime CUDA / TensorRT)."),
-    tensorrt: bool = typer.Option(False, help="Also build a TensorRT engine from the FP16 encoder (NVIDIA GPU + tensorrt extra)."),
+    int8: bool = typer.Option(True, help="Also write INT8 (dynamic quantization) graphs."),
+    fp16: bool = typer.Option(False, help="Also write the FP16 query encoder, for GPUs (ONNX Runtime CUDA / TensorRT)."),
+    tensorrt: bool = typer.Option(False, help="Also build a TensorRT engine from the FP16 query encoder (NVIDIA GPU + tensorrt extra)."),
     tar: bool = typer.Option(False, help="Also write OUT.tar.gz."),
     metrics: Optional[Path] = typer.Option(None, help="Evaluation JSON (`fedrec evaluate --json`) to record."),
     int8_index: bool = typer.Option(False, help="Also write an int8 item index (for catalogs of ~100k items and more)."),
 ) -> None:
-    """Build an edge bundle: ONNX FP32/INT8 (FP16, TensorRT for GPUs), tokenizer, item embeddings, hashed manifest."""
+    """Build an edge bundle: user tower and query encoder as ONNX FP32/INT8 (FP16, TensorRT for GPUs),
+    tokenizer, item matrix, hashed manifest."""
     from fedrec.data.silo import Catalog
     from fedrec.export.bundle import export_bundle
 
@@ -434,15 +443,18 @@ def _print_results(results) -> None:
 
 @app.command()
 def recommend(bundle: Path = typer.Argument(..., help="Bundle folder or .tar.gz."),
-              history: str = typer.Option(..., help="Comma-separated item ids, newest first."),
+              history: str = typer.Option(..., help="Item ids, newest first: commas within a basket, "
+                                                    "';' between baskets (newest basket first)."),
               k: int = typer.Option(10, min=1, max=100), precision: str = PRECISION, device: str = DEVICE) -> None:
     """Recommendations for a purchase history, from a bundle (no torch needed)."""
     model = _edge(bundle, precision, device)
-    ids = [i.strip() for i in history.split(",") if i.strip()]
+    baskets = [[i.strip() for i in basket.split(",") if i.strip()] for basket in history.split(";")]
+    ids = [i for basket in baskets for i in basket]
+    ages = [age for age, basket in enumerate(baskets) for _ in basket]
     _, unknown = model.known(ids)
     if unknown:
         typer.echo(f"ignored unknown item ids: {', '.join(unknown)}", err=True)
-    _print_results(model.recommend(ids, k))
+    _print_results(model.recommend(ids, k, ages=ages))
 
 
 @app.command()

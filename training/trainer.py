@@ -14,51 +14,52 @@ from typing import Callable
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
 
 from fedrec.atomic import write_json
 from fedrec.config import FedrecConfig, TrainConfig
 from fedrec.data.silo import Silo, UserRecord
 from fedrec.evaluation.evaluate import evaluate_ranker
-from fedrec.evaluation.rankers import EncoderRanker
+from fedrec.evaluation.rankers import TeacherRanker
+from fedrec.model.teacher import Teacher
 from fedrec.training.early_stopping import EarlyStopping
-from fedrec.training.objective import RetrievalObjective, can_train, sample_example
+from fedrec.training.objective import RetrievalObjective, batch_inputs, can_train, make_example, prediction_points
 
 
 def make_optimizer(objective: RetrievalObjective, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = list(objective.teacher.adapter_parameters().values())
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(objective.tower.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def train_epochs(objective: RetrievalObjective, optimizer: torch.optim.Optimizer,
                  users: list[UserRecord], cfg: TrainConfig, epochs: float,
                  rng: np.random.Generator, desc: str = "train",
-                 regulariser: Callable[[], torch.Tensor] | None = None) -> list[float]:
-    """Shuffled passes over the users, one example per user per pass (a fractional last pass
-    covers that share of the users); returns each pass's mean loss.
+                 regulariser: Callable[[], torch.Tensor] | None = None,
+                 schedule: torch.optim.lr_scheduler.LRScheduler | None = None) -> list[float]:
+    """Shuffled passes over every prediction point of every user (a fractional last pass covers
+    that share of them); returns each pass's mean loss.
 
     `regulariser` adds a data-independent term to every step's loss (FedProx's proximal term)."""
     users = [u for u in users if can_train(u)]
+    points = [(u, p) for u, user in enumerate(users) for p in prediction_points(user)]
+    history_items = objective.tower.config.history_items
+    device = objective.tower.text.device
     losses = []
-    objective.teacher.train()
+    objective.train()
     passes = math.ceil(epochs)
     for epoch in range(passes):
-        if epoch == 0 or not cfg.refresh_catalog_every:
-            objective.refresh_catalog(cfg.eval_batch_size)
-        draws = np.concatenate([rng.permutation(len(users)) for _ in range(cfg.samples_per_user)])
-        share = min(1.0, epochs - epoch)
-        draws = draws[: max(1, round(share * len(draws)))]
+        order = rng.permutation(len(points))
+        order = order[: max(1, round(min(1.0, epochs - epoch) * len(order)))]
         total, count = 0.0, 0
         label = f"{desc} epoch {epoch + 1}/{passes}" if passes > 1 else desc
-        bar = tqdm(range(0, len(draws), cfg.batch_size), desc=label,
-                   leave=False, unit="batch")
-        for step, start in enumerate(bar):
-            if cfg.refresh_catalog_every and step and step % cfg.refresh_catalog_every == 0:
-                objective.refresh_catalog(cfg.eval_batch_size)
-            examples = [sample_example(users[i], rng) for i in draws[start:start + cfg.batch_size]]
-            loss = objective(**objective.inputs(examples)).mean()
+        bar = tqdm(range(0, len(order), cfg.batch_size), desc=label, leave=False, unit="batch")
+        for start in bar:
+            examples = [make_example(users[points[i][0]], points[i][1], rng) for i in order[start:start + cfg.batch_size]]
+            loss = objective(**batch_inputs(examples, history_items, cfg.max_targets, rng, device)).mean()
             optimizer.zero_grad(set_to_none=True)
             (loss + regulariser() if regulariser else loss).backward()
             optimizer.step()
+            if schedule is not None:
+                schedule.step()
             total, count = total + loss.item() * len(examples), count + len(examples)
             bar.set_postfix(loss=f"{total / count:.4f}")
         losses.append(total / max(count, 1))
@@ -72,26 +73,27 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
 
 
-def fit(teacher, silos: dict[str, Silo], config: FedrecConfig, out_dir: str | Path | None = None,
+def fit(teacher: Teacher, silos: dict[str, Silo], config: FedrecConfig, out_dir: str | Path | None = None,
         log: Callable[[str], None] = print) -> FitResult:
     """Train on the pooled users of `silos`, early-stopping on validation NDCG@10.
 
-    The best adapters are kept in `teacher` and, with `out_dir`, saved there with the history.
+    The best tower is kept in `teacher` and, with `out_dir`, saved there with the history.
     """
     cfg = config.train
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    catalog = next(iter(silos.values())).catalog
     users = [u for silo in silos.values() for u in silo.users]
-    objective = RetrievalObjective(teacher, catalog)
+    objective = RetrievalObjective(teacher.tower)
     optimizer = make_optimizer(objective, cfg)
+    steps = cfg.epochs * math.ceil(sum(len(prediction_points(u)) for u in users if can_train(u)) / cfg.batch_size)
+    schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(0.05 * steps), steps)
     result, stopper = FitResult(0, -1.0), EarlyStopping(cfg.patience)
     for epoch in range(1, cfg.epochs + 1):
         started = time.perf_counter()
-        (loss,) = train_epochs(objective, optimizer, users, cfg, 1, rng, desc=f"epoch {epoch}/{cfg.epochs}")
+        (loss,) = train_epochs(objective, optimizer, users, cfg, 1, rng, f"epoch {epoch}/{cfg.epochs}",
+                               schedule=schedule)
         seconds = time.perf_counter() - started
-        val = evaluate_ranker(EncoderRanker(teacher, catalog, teacher.config.context_items,
-                                            cfg.eval_batch_size), silos, "val")
+        val = evaluate_ranker(TeacherRanker(teacher, cfg.eval_batch_size), silos, "val")
         ndcg = val["overall"]["ndcg@10"]
         result.history.append({"epoch": epoch, "loss": loss, "epoch_seconds": seconds, "val": val})
         log(f"epoch {epoch}: loss {loss:.4f}, val NDCG@10 {ndcg:.4f} ({seconds:.0f}s)")
