@@ -58,7 +58,7 @@ def main(bundle: str, teacher_dir: str) -> None:
 
     def teacher_search(query):
         with torch.no_grad():
-            (teacher.user_matrix(teacher.encode_queries([query])) @ items.T).topk(10)
+            (teacher.encode_queries([query]) @ items.T).topk(10)
 
     recommend, search = {"teacher torch eager": teacher_recommend}, {"teacher torch eager": teacher_search}
     for precision in ("fp32", "int8"):

@@ -32,7 +32,7 @@ def teacher_search(teacher: Teacher):
     items = teacher.item_matrix()
 
     def top_k(queries, k):
-        return (teacher.user_matrix(teacher.encode_queries(list(queries))) @ items.T).topk(k).indices.tolist()
+        return (teacher.encode_queries(list(queries)) @ items.T).topk(k).indices.tolist()
     return top_k
 
 

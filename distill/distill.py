@@ -42,8 +42,7 @@ def public_texts(catalog: Catalog, queries_per_item: int, rng: np.random.Generat
 
 def search_scores(teacher: Teacher, embeddings: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
     """The teacher's search scores of `items` (rows of its item matrix) for text embeddings."""
-    users = teacher.query_users(embeddings)
-    return torch.cat([users, torch.ones(len(users), 1, device=users.device)], 1) @ items.T
+    return teacher.search_rows(embeddings) @ items.T
 
 
 @dataclass

@@ -8,8 +8,8 @@
 
 Recommendation never encodes text: the user tower reads the item vectors it was trained with
 (constants in its graph), and a user scores every item by one product with items.npy. Search
-runs the query encoder, whose output lands in the same space. Both graphs end in [u, p, 1], the
-row that `items.npy` ([v/τ, w·t/τ, b]) is multiplied by.
+runs the query encoder, whose output lands in the same space. Both graphs end in a row that
+`items.npy` ([v/τ, w·t/τ, b]) is multiplied by: [u, p, 1] for a history, [λ·u, p, λ] for a query.
 
 query_encoder.fp16.onnx carries its precision in the graph (float16 weights and compute, float32
 inputs and outputs), which is what GPU runtimes want: ONNX Runtime's CUDA and TensorRT providers
@@ -48,15 +48,14 @@ class UserTowerGraph(torch.nn.Module):
 
 
 class QueryGraph(torch.nn.Module):
-    """input_ids, attention_mask → B × (d + text_dim + 1), through `text_encoder` and the tower."""
+    """input_ids, attention_mask → B × (d + text_dim + 1): `Teacher.search_rows` through `text_encoder`."""
 
     def __init__(self, teacher: Teacher, text_encoder: TextEncoder):
         super().__init__()
         self.teacher, self.text_encoder = teacher, text_encoder
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        users = self.teacher.query_users(self.text_encoder(input_ids, attention_mask))
-        return torch.cat([users, torch.ones_like(users[:, :1])], 1)
+        return self.teacher.search_rows(self.text_encoder(input_ids, attention_mask))
 
 
 def load_for_export(checkpoint: Path, catalog: Catalog) -> tuple[Teacher, TextEncoder, str, dict]:

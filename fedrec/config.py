@@ -27,6 +27,7 @@ class ModelConfig:
     history_items: int = 50                # most recent items the user tower reads, newest first
     max_age: int = 16                      # basket ages (0 = most recent basket) beyond this share one embedding
     temperature: float = 0.05              # softmax temperature of the retrieval loss
+    search_behaviour: float = 0.1          # weight of the tower's behavioural score in search (0: text alone)
     item_ids: bool = True                  # a learnt per-item vector beside the text one (collaborative signal)
     item_text: bool = True                 # the encoder's text vector of each item (meaning, cold start)
     max_item_tokens: int = 32

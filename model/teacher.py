@@ -212,7 +212,17 @@ class Teacher(torch.nn.Module):
 
     @torch.no_grad()
     def encode_queries(self, queries: list[str]) -> torch.Tensor:
-        return self.query_users(self.encoder.encode_queries(queries))
+        """Rows that score the item matrix for search queries (see `search_rows`)."""
+        return self.search_rows(self.encoder.encode_queries(queries))
+
+    def search_rows(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """[λ·u, p, λ] for text embeddings: the query's text similarity to every item, plus the tower's
+        behavioural score (item vector and bias) weighted by λ = model.search_behaviour. Trained for
+        what a basket leads to, the tower alone ranks complements above the item a query names."""
+        users = self.query_users(embeddings)
+        weight = self.config.search_behaviour
+        dim = self.config.dim
+        return torch.cat([weight * users[:, :dim], users[:, dim:], weight * torch.ones_like(users[:, :1])], 1)
 
     def query_users(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Users for search: a query is a one-item history whose item is its text (no catalog id).

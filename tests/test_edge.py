@@ -86,7 +86,7 @@ def test_both_onnx_graphs_match_torch_and_int8_stays_close(teacher_dir, student_
     teacher = Teacher.load(teacher_dir, catalog)
     users = teacher.user_matrix(teacher.encode_histories(histories(catalog))).numpy()
     with torch.no_grad():
-        search = teacher.user_matrix(teacher.query_users(Student.load(student_dir).encode_queries(queries(catalog)))).numpy()
+        search = teacher.search_rows(Student.load(student_dir).encode_queries(queries(catalog))).numpy()
     fp32, int8 = EdgeModel(bundle, "fp32"), EdgeModel(bundle, "int8")
     for edge, tolerance in ((fp32, 1e-4), (int8, None)):
         got = edge.embed_histories([h.tolist() for h, _ in histories(catalog)], [a.tolist() for _, a in histories(catalog)])
@@ -331,7 +331,7 @@ def test_tensorrt_engine_builds_on_a_gpu_and_matches_onnx_runtime(student_dir, b
 def test_the_teacher_exports_too_with_its_own_encoder_for_queries(teacher_dir, catalog, tmp_path):
     teacher = Teacher.load(teacher_dir, catalog)
     bundle = export_bundle(teacher_dir, catalog, tmp_path / "bundle", int8=False)
-    reference = teacher.user_matrix(teacher.encode_queries(queries(catalog, 20))).numpy()
+    reference = teacher.encode_queries(queries(catalog, 20)).numpy()
     np.testing.assert_allclose(EdgeModel(bundle, "fp32").embed_queries(queries(catalog, 20)), reference,
                                rtol=1e-4, atol=1e-4)
     assert verify_bundle(bundle)["model"]["kind"] == "teacher"

@@ -82,3 +82,16 @@ def test_robust_rules_bound_a_poisoned_region(strategy, trim):
     assert np.all(new["a"] >= low - 1e-6) and np.all(new["a"] <= high + 1e-6)
     fedavg, _ = Aggregator(FederationConfig()).aggregate(GLOBAL, [*honest, poisoned])
     assert np.abs(fedavg["a"]).max() > 50, "plain FedAvg is dragged along"
+
+
+def test_a_region_with_another_catalog_refuses_to_train(prepared, tiny_encoder, tmp_path):
+    """Item vectors are rows of the catalog: a region must not train a tower built for another one."""
+    from fedrec.config import FedrecConfig
+    from fedrec.federation.region import RegionSettings, train_round
+    from fedrec.privacy.budget import RegionBudget
+
+    settings = RegionSettings("eu", str(prepared / "eu"), str(tmp_path / "eu"), RegionBudget(epsilon=8, delta=1e-3))
+    config = FedrecConfig.from_flat({"model.encoder": str(tiny_encoder)})
+    with pytest.raises(FedrecError, match="is not the coordinator's"):
+        train_round(settings, config, {}, 1, "run", "0" * 64)
+    assert not (tmp_path / "eu").exists(), "nothing spent, nothing written"
