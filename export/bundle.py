@@ -43,8 +43,7 @@ class UserTowerGraph(torch.nn.Module):
         self.teacher = teacher
 
     def forward(self, history: torch.Tensor, ages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        users = self.teacher.tower.users(history, ages, mask > 0)
-        return torch.cat([users, torch.ones_like(users[:, :1])], 1)
+        return self.teacher.user_matrix(self.teacher.tower.users(history, ages, mask > 0))
 
 
 class QueryGraph(torch.nn.Module):

@@ -200,9 +200,9 @@ class Teacher(torch.nn.Module):
         tower, tau = self.tower, self.config.temperature
         return torch.cat([tower.items() / tau, tower.text_weight * tower.text / tau, tower.item_bias[:, None]], 1)
 
-    @torch.no_grad()
     def user_matrix(self, users: torch.Tensor) -> torch.Tensor:
-        return torch.cat([users, torch.ones(len(users), 1, device=users.device)], 1)
+        """[u, p, 1]: the row that scores `item_matrix` (shapes from the input, so ONNX keeps them dynamic)."""
+        return torch.cat([users, torch.ones_like(users[:, :1])], 1)
 
     @torch.no_grad()
     def encode_histories(self, histories: list[tuple[np.ndarray, np.ndarray]]) -> torch.Tensor:
