@@ -83,8 +83,10 @@ def test_identical_seeds_never_release_identical_noise(tiny_encoder, prepared):
         users = [u for u in silos["uk"].users if can_train(u)]
         train_private(objective, users, FedrecConfig().train, DPPlan(len(users), 0.25, 1, 1.0, 1.0))
         released.append({k: v.detach().numpy().copy() for k, v in objective.tower.named_parameters()})
-    differences = [np.abs(released[0][k] - released[1][k]).max() for k in released[0]]
-    assert min(differences) > 1e-6, "the same seeds gave the same noise"
+    # Adam's first step is ±lr per coordinate, so a one-number tensor agrees in sign half the
+    # time; with independent noise about half of all coordinates must differ, with shared noise none.
+    differ = np.concatenate([(np.abs(released[0][k] - released[1][k]) > 1e-6).ravel() for k in released[0]])
+    assert differ.mean() > 0.25, "the same seeds gave the same noise"
 
 
 @pytest.mark.parametrize("sigma, clip, batch", [(1.0, 1.0, 8), (0.7, 2.0, 32)])
