@@ -36,7 +36,10 @@ def dp_run(name: str, regions: list[str]) -> dict:
     run_dir = WORK / name
     shutil.rmtree(run_dir, ignore_errors=True)
     started = time.perf_counter()
-    history = simulate(data, regions, run_dir, config, {r: RegionBudget(epsilon=EPSILON, delta=DELTA) for r in regions})
+    # Each experiment is a what-if from a fresh budget, so its records stay in its own folder
+    # (a deployment keeps one ledger beside each silo, which is simulate's default).
+    history = simulate(data, regions, run_dir, config, {r: RegionBudget(epsilon=EPSILON, delta=DELTA) for r in regions},
+                       state_root=run_dir / "regions")
     wall = time.perf_counter() - started
     teacher = Teacher.load(run_dir / "final", silos["uk"].catalog)
     last = history[-1]["regions"]

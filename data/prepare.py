@@ -1,7 +1,9 @@
 """`fedrec data prepare`: raw transactions → one public catalog + one silo folder per region.
 
 Layout written (atomically, as a whole):
-    OUT/catalog.parquet               the public catalog shared by every region
+    OUT/catalog.parquet               the public catalog shared by every region: the catalog
+                                      given (Online Retail: every product listed), never
+                                      filtered by who bought what
     OUT/<region>/interactions.parquet that region's users only (user_id, item_id, timestamp,
                                       query, basket, split)
     OUT/summary.json                  counts of everything kept and dropped
@@ -44,10 +46,9 @@ def ingest(source: str | Path, catalog: str | Path | None = None, regions: Regio
 
 def prepare(source: str | Path, out: str | Path, catalog: str | Path | None = None,
             regions: RegionMap | None = None, default_region: str | None = None) -> PrepareResult:
+    refuse_to_replace_foreign_files(out)
     ingested = ingest(source, catalog, regions, default_region)
     interactions, split_report = split_by_basket(ingested.interactions)
-    used = set(interactions["item_id"])
-    catalog_frame = ingested.catalog[ingested.catalog["item_id"].isin(used)].reset_index(drop=True)
     if interactions.empty:
         raise DataError("no interactions left after cleaning", file=str(source),
                         hint="Check the file holds purchases with known customers.")
@@ -56,18 +57,40 @@ def prepare(source: str | Path, out: str | Path, catalog: str | Path | None = No
         "source": str(source),
         "cleaning": ingested.report,
         "split": split_report,
-        "catalog_items": len(catalog_frame),
+        "catalog_items": len(ingested.catalog),
+        "catalog_items_without_interactions":
+            int((~ingested.catalog["item_id"].isin(interactions["item_id"])).sum()),
         "regions": {region: region_summary(group)
                     for region, group in interactions.groupby("region", sort=True)},
     }
     with atomic_dir(out) as tmp:
-        catalog_frame.to_parquet(tmp / "catalog.parquet", index=False)
+        ingested.catalog.to_parquet(tmp / "catalog.parquet", index=False)
         summary["catalog_sha256"] = hashlib.sha256((tmp / "catalog.parquet").read_bytes()).hexdigest()
         for region, group in interactions.groupby("region", sort=True):
             (tmp / region).mkdir()
             group[SILO_COLUMNS].to_parquet(tmp / region / "interactions.parquet", index=False)
         write_json(tmp / "summary.json", summary)
+        refuse_to_replace_foreign_files(out)      # again: a region may have started in OUT meanwhile
     return PrepareResult(Path(out), summary)
+
+
+def refuse_to_replace_foreign_files(out: str | Path) -> None:
+    """OUT is replaced as a whole, so it may hold only what `prepare` writes. Anything else is
+    someone's: above all a region's privacy records, which live by default beside its silo
+    (OUT/<region>/.fedrec/), and whose loss would silently reset that region's privacy budget."""
+    out = Path(out)
+    if not out.is_dir():
+        return
+    for path in sorted(p for p in out.rglob("*") if not p.is_dir()):
+        relative = path.relative_to(out).parts
+        if relative in (("catalog.parquet",), ("summary.json",)) or (
+                len(relative) == 2 and relative[1] == "interactions.parquet"):
+            continue
+        what = ("a region's privacy records: replacing the folder would reset that region's privacy budget"
+                if ".fedrec" in relative else "replacing the folder would delete it")
+        raise DataError(f"{out} holds a file `fedrec data prepare` did not write ({what})", file=str(path),
+                        hint=f"Move it out of {out} (a region's state folder can be passed with --state-dir), "
+                             "or prepare into a new --out.")
 
 
 def region_summary(frame: pd.DataFrame) -> dict:

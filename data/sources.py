@@ -65,8 +65,9 @@ def is_online_retail(frame: pd.DataFrame) -> bool:
 
 
 def read_online_retail(raw: pd.DataFrame, file: str, regions: RegionMap) -> Ingested:
-    """UCI Online Retail (`raw` as read by `read_table`): clean as a retailer would and derive
-    the catalog from the descriptions."""
+    """UCI Online Retail (`raw` as read by `read_table`). The catalog is the shop's listing: every
+    product on any line, whoever bought or returned it, so that which items it holds reveals no
+    purchase; only the interactions are cleaned as a retailer would."""
     _require_columns(raw, ONLINE_RETAIL_COLUMNS, file)
     report: dict[str, int] = {"rows_read": len(raw)}
 
@@ -81,6 +82,7 @@ def read_online_retail(raw: pd.DataFrame, file: str, regions: RegionMap) -> Inge
         "country": raw["Country"].astype(str).str.strip(),
     })
     _no_empty(frame, "country", "Country", file)
+    catalog = _catalog_from_descriptions(frame[frame["item_id"].str.match(PRODUCT_CODE)])
 
     for reason, should_drop in (
         ("dropped_no_customer", lambda f: f["user_id"] == ""),
@@ -94,7 +96,6 @@ def read_online_retail(raw: pd.DataFrame, file: str, regions: RegionMap) -> Inge
         frame = frame[~drop]
     report["rows_kept"] = len(frame)
 
-    catalog = _catalog_from_descriptions(frame)
     interactions = pd.DataFrame({
         "user_id": frame["user_id"].to_numpy(),
         "item_id": frame["item_id"].to_numpy(),
@@ -106,9 +107,10 @@ def read_online_retail(raw: pd.DataFrame, file: str, regions: RegionMap) -> Inge
 
 
 def _catalog_from_descriptions(frame: pd.DataFrame) -> pd.DataFrame:
-    """One title per item: its most frequent non-empty description (ties: alphabetical first)."""
+    """One title per item: its most frequent non-empty description (ties: alphabetical first);
+    its price: the median positive price (NaN if the item never had one)."""
     titles = {}
-    prices = frame.groupby("item_id")["price"].median()
+    prices = frame["price"].where(frame["price"] > 0).groupby(frame["item_id"]).median()
     for item_id, descriptions in frame.groupby("item_id")["description"]:
         counts = Counter(d for d in descriptions if d and d.lower() != "nan")
         titles[item_id] = min(counts, key=lambda d: (-counts[d], d)) if counts else item_id

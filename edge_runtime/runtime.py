@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from fedrec.edge_runtime.bundle import BundleError, open_bundle
+from fedrec.edge_runtime.bundle import BundleError, ModelFacts, open_bundle
 from fedrec.edge_runtime.index import Index, ItemIndex, QuantizedIndex
 
 INT8_INDEX_FROM = 50_000     # below this an exact scan is as fast as the int8 one (BENCHMARKS.md)
@@ -41,10 +41,10 @@ class EdgeModel:
         tower then runs in fp32). `device`: cpu, or cuda / tensorrt through ONNX Runtime's GPU
         providers. `index`: "exact", "int8" (needs a bundle exported with --int8-index), or "auto":
         the int8 index when the bundle has one and the catalog has at least INT8_INDEX_FROM items."""
-        self.folder = open_bundle(bundle)
-        self.manifest = json.loads((self.folder / "manifest.json").read_text())
-        model = self.manifest["model"]
-        graphs = model["onnx"]
+        self.folder, manifest = open_bundle(bundle)
+        self.manifest = manifest.document
+        model = manifest.model            # every file it names is one the bundle lists and verified
+        graphs = model.onnx
         if precision not in graphs["query_encoder"]:
             raise BundleError(f"{self.folder}: no {precision} model in this bundle (has "
                               f"{', '.join(graphs['query_encoder'])}); `fedrec export --{precision}` writes one")
@@ -62,27 +62,27 @@ class EdgeModel:
         self.user_tower = ort.InferenceSession(str(self.folder / tower_file), options, providers=["CPUExecutionProvider"])
         self.session = ort.InferenceSession(str(self.folder / graphs["query_encoder"][precision]), options,
                                             providers=wanted)
-        self.tokenizer = Tokenizer.from_file(str(self.folder / model["tokenizer"]))
-        self.max_query_tokens = model["max_query_tokens"]
+        self.tokenizer = Tokenizer.from_file(str(self.folder / model.tokenizer))
+        self.max_query_tokens = model.max_query_tokens
         self.tokenizer.enable_truncation(max_length=self.max_query_tokens)
         self.pad_id = (self.tokenizer.padding or {}).get("pad_id", 0)
         self.tokenizer.no_padding()                     # `inputs` pads
-        self.history_items = model["history_items"]
-        catalog = json.loads((self.folder / model["items"]).read_text())
+        self.history_items = model.history_items
+        catalog = json.loads((self.folder / model.items).read_text())
         self.item_ids: list[str] = catalog["item_ids"]
         self.titles: list[str] = catalog["titles"]
         self.position = {item: i for i, item in enumerate(self.item_ids)}
         self.index = self.load_index(model, index)
 
-    def load_index(self, model: dict, kind: str) -> ItemIndex:
+    def load_index(self, model: ModelFacts, kind: str) -> ItemIndex:
         if kind not in ("auto", "exact", "int8"):
             raise BundleError(f"unknown index {kind!r}; choose auto, exact or int8")
-        vectors = np.load(self.folder / model["item_matrix"])
-        if kind == "int8" and "item_index" not in model:
+        vectors = np.load(self.folder / model.item_matrix)
+        if kind == "int8" and model.item_index is None:
             raise BundleError(f"{self.folder}: no int8 item index in this bundle; export it with "
                               "`fedrec export --int8-index`, or use index='exact'")
-        if kind == "int8" or (kind == "auto" and "item_index" in model and len(vectors) >= INT8_INDEX_FROM):
-            return QuantizedIndex((self.folder / model["item_index"]).read_bytes(), vectors)
+        if kind == "int8" or (kind == "auto" and model.item_index and len(vectors) >= INT8_INDEX_FROM):
+            return QuantizedIndex((self.folder / model.item_index).read_bytes(), vectors)
         return Index(vectors)
 
     # -- encoding --------------------------------------------------------------------------

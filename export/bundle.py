@@ -5,6 +5,7 @@
     tokenizer.json  items.npy (item matrix, float32)  items.json (ids and titles)
     [query_encoder.fp16.onnx  query_encoder.fp16.plan  items.int8.onnx]
     manifest.json (format version, model facts, metrics, privacy, files)
+    manifest.sha256 (the SHA-256 of manifest.json, written last)
 
 Recommendation never encodes text: the user tower reads the item vectors it was trained with
 (constants in its graph), and a user scores every item by one product with items.npy. Search
@@ -30,7 +31,7 @@ import fedrec
 from fedrec.atomic import atomic_dir, atomic_file, write_json
 from fedrec.data.silo import Catalog
 from fedrec.distill.student import STUDENT_FILE, Student
-from fedrec.edge_runtime.bundle import FORMAT_VERSION, MANIFEST, sha256_file, verify_bundle
+from fedrec.edge_runtime.bundle import DIGEST, FORMAT_VERSION, MANIFEST, digest_line, sha256_file, verify_bundle
 from fedrec.model.encoding import TextEncoder
 from fedrec.model.teacher import TEACHER_FILE, Teacher
 
@@ -135,7 +136,7 @@ def export_bundle(checkpoint: str | Path, catalog: Catalog, out: str | Path, int
         manifest = {
             "format_version": FORMAT_VERSION,
             "fedrec_version": fedrec.__version__,
-            "source": checkpoint.name,
+            "source": checkpoint.resolve().name,         # a name: the builder's folders stay private
             "model": {
                 "kind": meta["kind"], "dim": config.dim, "text_dim": teacher.tower.text.shape[1],
                 "history_items": config.history_items, "max_age": config.max_age,
@@ -156,6 +157,7 @@ def export_bundle(checkpoint: str | Path, catalog: Catalog, out: str | Path, int
                       for p in sorted(tmp.iterdir()) if p.is_file()},
         }
         write_json(tmp / MANIFEST, manifest)
+        (tmp / DIGEST).write_bytes(digest_line((tmp / MANIFEST).read_bytes()))
         verify_bundle(tmp)
     if tar:
         archive = out.with_name(out.name + ".tar.gz")

@@ -18,6 +18,7 @@ from fedrec.config import FedrecConfig
 from fedrec.errors import FedrecError
 from fedrec.federation.run_folder import RunFolder
 from fedrec.federation.strategy import Aggregator, RegionUpdate
+from fedrec.privacy.claims import ClaimError, PrivacyClaim
 
 State = dict[str, np.ndarray]
 
@@ -32,6 +33,21 @@ def from_record(record: ArrayRecord) -> State:
 
 def state_bytes(adapters: State) -> int:
     return int(sum(v.nbytes for v in adapters.values()))
+
+
+def region_claim(info: dict, earlier: PrivacyClaim | None) -> tuple[PrivacyClaim | None, str]:
+    """The claim for the ledger entry a DP update comes with, or why the update cannot be
+    accepted ("" when it can): a region's key is the one it signed with earlier in the run."""
+    if not info.get("dp"):
+        return None, ""
+    try:
+        claim = PrivacyClaim.parse(info, "its privacy claim")
+    except ClaimError as exc:
+        return None, str(exc)
+    if earlier is not None and earlier.public_key != claim.public_key:
+        return None, (f"its ledger entry is signed by key {claim.public_key[:16]}…, not the key "
+                      f"{earlier.public_key[:16]}… it signed with earlier in this run")
+    return claim, ""
 
 
 def invalid_update(sent: State, expected: State) -> str:
@@ -137,9 +153,6 @@ class Coordinator:
                 info = dict(reply.content["info"])
                 metrics = dict(reply.content["metrics"])
                 region = info["region"]
-                if info.get("dp"):
-                    claims[region] = {k: info[k] for k in ("epsilon", "delta", "accountant", "ledger_head",
-                                                           "budget_epsilon") if k in info}
                 if info.get("status") == "declined":
                     record["declined"][region] = info.get("reason", "")
                     log(f"round {server_round}: {info.get('reason', region + ' declined')}")
@@ -148,13 +161,17 @@ class Coordinator:
                 problem = invalid_update(sent, adapters)
                 if region in record["regions"]:
                     problem = "a second update from this region in one round (two nodes serve it)"
+                claim, claim_problem = region_claim(info, run.privacy.claims.get(region))
+                problem = problem or claim_problem
                 if problem:
                     record["dropped"][region] = f"update rejected: {problem}"
                     log(f"round {server_round}: region {region}'s update rejected ({problem})")
                     continue
                 updates.append(RegionUpdate(region, sent, int(metrics["num_examples"])))
-                record["regions"][region] = {**metrics, "bytes_sent": state_bytes(sent),
-                                             **{k: v for k, v in info.items() if k in ("epsilon", "noise_multiplier")}}
+                record["regions"][region] = {**metrics, "bytes_sent": state_bytes(sent)}
+                if claim:
+                    claims[region] = claim
+                    record["regions"][region].update(epsilon=claim.epsilon, noise_multiplier=info["noise_multiplier"])
             for node, reason in failed.items():
                 record["dropped"][self.name(node)] = reason
                 log(f"round {server_round}: region {self.name(node)} dropped ({reason})")

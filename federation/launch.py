@@ -17,6 +17,7 @@ from fedrec.config import FedrecConfig
 from fedrec.errors import FedrecError
 from fedrec.federation.certs import create_dev_pki
 from fedrec.federation.deployment import Control, Process, free_port, start_superlink, start_supernode
+from fedrec.federation.region import default_state_dir
 from fedrec.privacy.budget import RegionBudget
 
 
@@ -91,8 +92,10 @@ def submit_and_follow(control: Control, config: FedrecConfig, run_dir: Path, res
 
 def simulate(data_root: Path, regions: list[str], run_dir: Path, config: FedrecConfig,
              budgets: dict[str, RegionBudget], tls: bool = True, resume: bool = False,
-             echo: Callable[[str], None] = print) -> list[dict]:
-    """The whole federation on one machine: separate processes talking over loopback."""
+             echo: Callable[[str], None] = print, state_root: Path | None = None) -> list[dict]:
+    """The whole federation on one machine: separate processes talking over loopback. Each
+    region keeps its records where `fedrec client` would (beside its data), or under
+    `state_root`/<region>."""
     run_dir = run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     config = dataclasses.replace(config, federation=dataclasses.replace(
@@ -104,7 +107,8 @@ def simulate(data_root: Path, regions: list[str], run_dir: Path, config: FedrecC
     try:
         processes.append(start_superlink(address, run_dir / "superlink", pki))
         for region in regions:
-            node = RegionNode(region, data_root / region, run_dir / "regions" / region, budgets[region])
+            state_dir = state_root / region if state_root else default_state_dir(data_root / region)
+            node = RegionNode(region, data_root / region, state_dir, budgets[region])
             processes.append(start_supernode(f"supernode-{region}", address, node.node_config(),
                                              node.state_dir, pki.ca if pki else None, wait=False))
         for process in processes[1:]:

@@ -4,9 +4,11 @@ its operator opted out), record the spend, evaluate on its own users, keep a cop
 from __future__ import annotations
 
 import time
+import uuid
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -18,14 +20,21 @@ from fedrec.errors import FedrecError
 from fedrec.faults import freeze_point
 from fedrec.evaluation.evaluate import evaluate_ranker
 from fedrec.evaluation.rankers import TeacherRanker
-from fedrec.model.teacher import Teacher, pick_device
+from fedrec.model.teacher import Teacher, initial_tower_state, pick_device, save_checkpoint
 from fedrec.privacy.budget import RegionBudget
 from fedrec.privacy.dp_sgd import train_private
+from fedrec.privacy.claims import PrivacyClaim
 from fedrec.privacy.spend import RegionPrivacy
 from fedrec.training.objective import RetrievalObjective, can_train
 from fedrec.training.trainer import make_optimizer, train_epochs
 
 State = dict[str, np.ndarray]
+
+
+def default_state_dir(silo_dir: str | Path) -> Path:
+    """Beside the region's data, so every run on the same users (client, simulate, demo)
+    spends from one ledger: the budget belongs to the data, not to a run."""
+    return Path(silo_dir) / ".fedrec"
 
 
 @dataclass
@@ -44,7 +53,7 @@ class RegionSettings:
             raise FedrecError(f"node config lacks {', '.join(missing)}",
                               hint="Start the SuperNode with `fedrec client --region NAME --data DIR`.")
         data = str(node_config["data"])
-        state_dir = str(node_config.get("state_dir", "")) or str(Path(data) / ".fedrec")
+        state_dir = str(node_config.get("state_dir", "")) or str(default_state_dir(data))
         return cls(str(node_config["region"]), data, state_dir, RegionBudget.from_node_config(node_config))
 
     def silo(self) -> Silo:
@@ -99,9 +108,8 @@ def _train_round(settings: RegionSettings, silo: Silo, config: FedrecConfig, ada
     rng = np.random.default_rng(seed)
     info: dict = {"region": settings.region, "dp": budget.enabled}
     if privacy:
-        decision = privacy.plan_round(len(users), config.train.batch_size, fed.local_epochs, fed.rounds)
-        info.update(epsilon=decision.spent_epsilon, delta=budget.delta, accountant=budget.accountant,
-                    budget_epsilon=budget.epsilon, ledger_head=privacy.ledger.head())
+        decision = privacy.plan_round(len(users), config.train.batch_size, fed.local_epochs, fed.rounds, run)
+        info.update(epsilon=decision.spent_epsilon)
         if not decision.allowed:
             return RoundResult("declined", None, {"num_examples": 0}, {**info, "reason": decision.reason})
 
@@ -112,9 +120,8 @@ def _train_round(settings: RegionSettings, silo: Silo, config: FedrecConfig, ada
     regulariser = proximal_term(teacher, adapters, fed.proximal_mu) if fed.strategy == "fedprox" else None
     if privacy:
         train_private(objective, users, config.train, decision.plan, label, regulariser)
-        entry = privacy.record(decision, run, server_round)
-        info.update(epsilon=entry.epsilon, ledger_head=privacy.ledger.head(),
-                    noise_multiplier=decision.plan.noise_multiplier)
+        entry = privacy.record(decision, server_round)
+        info.update(PrivacyClaim.of_entry(entry).to_json(), noise_multiplier=entry.noise_multiplier)
         freeze_point("after-ledger", label)
     else:
         loss = train_epochs(objective, make_optimizer(objective, config.train), users, config.train,
@@ -152,3 +159,32 @@ def keep_sent_update(settings: RegionSettings, run: str, server_round: int, adap
     with atomic_file(path, "wb") as handle:
         np.savez(handle, __num_examples__=np.array(num_examples), **adapters)
     return path
+
+
+def train_alone(settings: RegionSettings, config: FedrecConfig, out: str | Path,
+                log: Callable[[str], None] = print) -> Path:
+    """`fedrec train --dp`: the region trains the tower on its own data under DP for
+    `federation.rounds` rounds, exactly as in a federation but with no one to average with,
+    spending from the same ledger; the checkpoint claims the last entry."""
+    if not settings.budget.enabled:
+        raise FedrecError("train_alone is the DP path; train without DP with `fedrec train` (no --dp)")
+    out = Path(out)
+    silo = settings.silo()
+    run = f"train-{out.resolve().name}-{uuid.uuid4().hex[:12]}"
+    torch.manual_seed(config.train.seed)
+    adapters = initial_tower_state(config.model, silo.catalog)
+    trained: list[RoundResult] = []
+    for server_round in range(1, config.federation.rounds + 1):
+        outcome = train_round(settings, config, adapters, server_round, run, silo.catalog.fingerprint)
+        if outcome.status == "declined":
+            log(str(outcome.info["reason"]))
+            break
+        adapters = outcome.adapters
+        trained.append(outcome)
+        log(f"round {server_round}/{config.federation.rounds}: lifetime ε {outcome.info['epsilon']:.3f} "
+            f"of {settings.budget.epsilon:g}")
+    if not trained:
+        raise FedrecError(f"region {settings.region} trained no round: nothing to save")
+    claim = PrivacyClaim.parse(trained[-1].info, "the last round")
+    return save_checkpoint(out, config.model, adapters, silo.catalog,
+                           {"run_id": run, "rounds": len(trained), "privacy": {settings.region: claim.to_json()}})

@@ -30,9 +30,10 @@ def main(grid: Grid, context: Context) -> None:
     catalog = Catalog.load(config.federation.catalog)
     torch.manual_seed(config.train.seed)          # the same initial tower on every restart
     initial = initial_tower_state(config.model, catalog)
-    log(f"run {run_dir.name}: {config.federation.rounds} rounds, strategy {config.federation.strategy}; "
+    log(f"run {run.run_id}: {config.federation.rounds} rounds, strategy {config.federation.strategy}; "
         f"the tower's {sum(v.size for v in initial.values()):,} parameters travel, for {len(catalog):,} catalog items")
-    tower = Coordinator(grid, config, run_dir.name, catalog.fingerprint).run(run, initial)
+    tower = Coordinator(grid, config, run.run_id, catalog.fingerprint).run(run, initial)
     save_checkpoint(run_dir / "final", config.model, tower, catalog,
-                    {"federated_run": str(run_dir), "rounds": run.last_round(), "privacy": run.claims})
+                    {"federated_run": str(run_dir), "run_id": run.run_id, "rounds": run.last_round(),
+                     "privacy": {region: claim.to_json() for region, claim in run.privacy.claims.items()}})
     log(f"final teacher saved in {run_dir / 'final'}")

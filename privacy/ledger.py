@@ -1,8 +1,10 @@
-"""An append-only, hash-chained privacy ledger: one JSON line per release of a region's update.
+"""An append-only, hash-chained, signed privacy ledger: one JSON line per release of a region's update.
 
-Each entry carries everything needed to recompute ε (steps, sample rate, σ, C, δ, accountant)
-and the SHA-256 of the previous line, so an edited, reordered or truncated ledger no longer
-verifies. An entry is fsync'd before the update it accounts for may leave the region.
+Each entry carries everything needed to recompute ε (steps, sample rate, σ, C, δ, accountant),
+the SHA-256 of the previous line, and the region's Ed25519 signature over all of it. The chain
+makes an edited, reordered or truncated ledger fail; the signature makes a rewritten and
+re-chained one fail, since only the region holds the key. One key signs a whole ledger.
+An entry is fsync'd before the update it accounts for may leave the region.
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ import json
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
 import fedrec
 from fedrec.atomic import atomic_file, fsync_dir, write_failed
 from fedrec.errors import FedrecError
+from fedrec.privacy.signing import SigningKey, verify_signature
 
 GENESIS = "0" * 64
 LEDGER_FILE = "ledger.jsonl"
@@ -45,9 +48,16 @@ class LedgerEntry:
     fedrec_version: str
     time: str
     prev_sha256: str
+    public_key: str             # the region's Ed25519 key (hex) that signed this entry
+    signature: str = ""         # over `signed_bytes()`: every other field
 
     def line(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+    def signed_bytes(self) -> bytes:
+        fields = asdict(self)
+        del fields["signature"]
+        return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
 
 
 class LedgerError(FedrecError):
@@ -90,6 +100,11 @@ class Ledger:
                 raise LedgerError(f"{self.path}: entry {number} carries index {entry.index}")
             if entry.line() != line:
                 raise LedgerError(f"{self.path}: entry {number} is not in canonical form (edited?)")
+            if entries and entry.public_key != entries[0].public_key:
+                raise LedgerError(f"{self.path}: entry {number} is signed by another key than entry 1")
+            if not verify_signature(entry.public_key, entry.signed_bytes(), entry.signature):
+                raise LedgerError(f"{self.path}: entry {number} does not carry a valid signature of its "
+                                  "region's key (forged or edited)")
             entries.append(entry)
             prev = line_hash(line)
         return entries
@@ -181,11 +196,15 @@ class Ledger:
             return (f"{self.path}: cut off a torn last entry of {len(tail)} bytes (kept in {kept.name}); "
                     f"{len(entries)} entries verify")
 
-    def append(self, **fields) -> LedgerEntry:
-        """Verify, append one entry, and fsync file and folder before returning."""
+    def append(self, key: SigningKey, **fields) -> LedgerEntry:
+        """Verify, append one entry signed with `key`, and fsync file and folder before returning."""
         entries = self.entries()
-        entry = LedgerEntry(index=len(entries) + 1, fedrec_version=fedrec.__version__,
-                            prev_sha256=self.head(), **fields)
+        if entries and entries[0].public_key != key.public_hex:
+            raise LedgerError(f"{self.path} is signed by key {entries[0].public_key[:16]}…, not this region's "
+                              f"key {key.public_hex[:16]}…", hint="Restore the region's signing.key from its backup.")
+        unsigned = LedgerEntry(index=len(entries) + 1, fedrec_version=fedrec.__version__,
+                               prev_sha256=self.head(), public_key=key.public_hex, **fields)
+        entry = replace(unsigned, signature=key.sign(unsigned.signed_bytes()))
         line = (entry.line() + "\n").encode()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,14 @@
-"""Ingestion of real Online Retail rows: cleaning, region mapping, basket split, bad input."""
+"""Ingestion of real Online Retail rows: cleaning, region mapping, basket split, the public
+catalog, bad input."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -31,8 +35,28 @@ def test_row_counts_and_cleaning_rules(retail_slice, prepared):
 
     catalog = pd.read_parquet(prepared / "catalog.parquet")
     assert catalog["item_id"].is_unique
-    assert catalog["item_id"].str.match(PRODUCT_CODE).all()
-    assert set(catalog["item_id"]) == set(kept["StockCode"].str.upper())
+    listed = raw["StockCode"].str.upper()
+    assert set(catalog["item_id"]) == set(listed[listed.str.match(PRODUCT_CODE)]), \
+        "the catalog lists every product in the file, not only those bought"
+    assert set(kept["StockCode"].str.upper()) < set(catalog["item_id"])
+
+
+def test_online_retail_catalog_lists_products_sold_only_to_unknown_customers(retail_slice, prepared):
+    raw = pd.read_csv(retail_slice, dtype=str, keep_default_na=False)
+    rows = raw.assign(item_id=raw["StockCode"].str.upper(), Description=raw["Description"].str.strip())
+    rows = rows[rows["item_id"].str.match(PRODUCT_CODE)].groupby("item_id")
+    has_customer = rows["CustomerID"].agg(lambda ids: (ids != "").any())
+    anonymous_only = set(has_customer.index[~has_customer])
+    assert anonymous_only, "the slice holds products that only customers without an id bought"
+    catalog = pd.read_parquet(prepared / "catalog.parquet").set_index("item_id")
+    assert anonymous_only <= set(catalog.index)
+    descriptions = rows["Description"].agg(set)
+    assert all(catalog.loc[item, "title"] in descriptions[item] for item in anonymous_only)
+    bought = set(pd.concat(map(pd.read_parquet, prepared.glob("*/interactions.parquet")))["item_id"])
+    assert not anonymous_only & bought
+    summary = pd.read_json(prepared / "summary.json", typ="series")
+    assert summary["catalog_items"] == len(catalog)
+    assert summary["catalog_items_without_interactions"] == len(set(catalog.index) - bought)
 
 
 def test_region_mapping(retail_slice, prepared):
@@ -107,13 +131,14 @@ def test_bad_input_names_file_row_and_column(tmp_path, retail_slice, edit, row, 
     bad = write_bad(tmp_path, retail_slice, edit)
     out = tmp_path / "out"
     out.mkdir()
-    (out / "keep.txt").write_text("earlier output")
+    (out / "summary.json").write_text("earlier output")
     with pytest.raises(DataError) as info:
         prepare(bad, out)
     error = info.value
     assert error.file == str(bad) and error.column == column and error.row == row
     assert words in str(error)
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"], "earlier output is untouched"
+    assert [(p.name, p.read_text()) for p in out.iterdir()] == [("summary.json", "earlier output")], \
+        "earlier output is untouched"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [], "no temporary left"
 
 
@@ -151,6 +176,40 @@ def test_generic_format(tmp_path, suffix):
     assert silos["uk"].catalog.text(3) == "Desk lamp (home)"
 
 
+def test_generic_catalog_is_kept_whole_and_search_finds_items_nobody_bought(prepared, tiny_encoder, tmp_path):
+    """One region's real purchases against the whole listing: items nobody bought stay in the
+    catalog, and even an untrained teacher ranks each first for its own title as the query (text
+    similarity dominates search). Measured here: rank 1 for all 1018 under 3 encoder × 3 tower
+    seeds; only a title that is another's words reordered can come second."""
+    import torch
+
+    from fedrec.config import FedrecConfig
+    from fedrec.model.teacher import Teacher
+
+    listing = pd.read_parquet(prepared / "catalog.parquet")[["item_id", "title"]]
+    listing.to_csv(tmp_path / "catalog.csv", index=False)
+    eu = pd.read_parquet(prepared / "eu" / "interactions.parquet").assign(region="eu")
+    eu[["user_id", "item_id", "timestamp", "region"]].to_csv(tmp_path / "eu.csv", index=False)
+    result = prepare(tmp_path / "eu.csv", tmp_path / "out", catalog=tmp_path / "catalog.csv")
+
+    catalog = load_dataset(tmp_path / "out")["eu"].catalog
+    assert sorted(catalog.item_ids) == sorted(listing["item_id"])
+    bought = set(eu["item_id"])
+    never_bought = [i for i, item in enumerate(catalog.item_ids) if item not in bought]
+    assert result.summary["catalog_items_without_interactions"] == len(never_bought) > 0
+
+    torch.manual_seed(0)
+    teacher = Teacher(FedrecConfig.from_flat({"model.encoder": str(tiny_encoder)}).model, catalog)
+    items = teacher.item_matrix()
+    assert len(items) == len(catalog) and torch.isfinite(items).all()
+    unique_titles = set(listing["title"].drop_duplicates(keep=False))
+    queried = np.array([i for i in never_bought if catalog.titles[i] in unique_titles])
+    scores = (teacher.encode_queries([catalog.titles[i] for i in queried]) @ items.T).numpy()
+    ranks = (scores > scores[np.arange(len(queried)), queried][:, None]).sum(1) + 1
+    assert len(queried) > 500 and (ranks == 1).all(), \
+        [(catalog.titles[i], r) for i, r in zip(queried, ranks) if r > 1][:5]
+
+
 def test_generic_unknown_item_is_refused(tmp_path):
     pd.DataFrame({"user_id": ["a"], "item_id": ["zz"], "timestamp": ["2024-01-01"], "region": ["eu"]}) \
         .to_csv(tmp_path / "i.csv", index=False)
@@ -171,3 +230,28 @@ def test_original_xlsx_layout_gives_the_same_silos_as_csv(retail_slice, tmp_path
     assert from_xlsx["regions"] == from_csv["regions"] and from_xlsx["cleaning"] == from_csv["cleaning"]
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "xlsx" / "uk" / "interactions.parquet"),
                                   pd.read_parquet(tmp_path / "csv" / "uk" / "interactions.parquet"))
+
+
+def test_prepare_refuses_to_replace_an_output_holding_a_privacy_ledger_or_other_foreign_files(retail_slice, prepared, tmp_path):
+    """A region's privacy records live beside its silo by default (OUT/<region>/.fedrec/):
+    replacing OUT would erase its ledger and silently reset its privacy budget."""
+    out = shutil.copytree(prepared, tmp_path / "out")
+    ledger = out / "eu" / ".fedrec" / "ledger.jsonl"
+    ledger.parent.mkdir()
+    ledger.write_bytes(b'{"index": 0, "region": "eu", "epsilon": 0.8}\n')
+    before = folder_bytes(tmp_path)
+    with pytest.raises(DataError) as info:
+        prepare(retail_slice, out)
+    assert info.value.file == str(ledger)
+    assert "a region's privacy records" in str(info.value) and f"Move it out of {out}" in str(info.value)
+    assert folder_bytes(tmp_path) == before, "nothing written, moved or removed"
+    ledger.unlink()
+    (out / "notes.txt").write_text("mine")                 # not fedrec output either
+    with pytest.raises(DataError, match="did not write") as info:
+        prepare(retail_slice, out)
+    assert info.value.file == str(out / "notes.txt") and (out / "notes.txt").read_text() == "mine"
+
+
+def folder_bytes(root: Path) -> dict[str, bytes]:
+    """Every file under `root` (hidden ones included) by relative path, with its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}

@@ -18,6 +18,7 @@ from fedrec.distill.student import Student, StudentConfig
 from fedrec.distill.vocab import prune_vocabulary
 from fedrec.model.teacher import Teacher
 from fedrec.privacy.audit import audit
+from fedrec.privacy.claims import PrivacyClaim
 from fedrec.privacy.budget import RegionBudget
 from fedrec.privacy.spend import RegionPrivacy
 
@@ -56,11 +57,10 @@ def test_pruned_vocabulary_reproduces_catalog_tokens(tiny_encoder, catalog, tmp_
 def dp_teacher_checkpoint(tiny_encoder, catalog, tmp_path):
     """A teacher checkpoint whose privacy claim points at a real region ledger."""
     privacy = RegionPrivacy("eu", RegionBudget(epsilon=8, delta=1e-5, noise_multiplier=1.0), tmp_path / "eu")
-    entry = privacy.record(privacy.plan_round(400, 32, 1, 2), "run", 1)
+    entry = privacy.record(privacy.plan_round(400, 32, 1, 2, run="run"), 1)
     torch.manual_seed(0)
     teacher = Teacher(FedrecConfig.from_flat({"model.encoder": str(tiny_encoder)}).model, catalog)
-    claim = {"eu": {"epsilon": entry.epsilon, "delta": 1e-5, "accountant": "prv",
-                    "ledger_head": privacy.ledger.head(), "budget_epsilon": 8.0}}
+    claim = {"eu": PrivacyClaim.of_entry(entry).to_json()}
     return teacher, teacher.save(tmp_path / "teacher", {"privacy": claim}), privacy
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from fedrec.data.silo import Catalog
 from fedrec.distill.distill import distill
 from fedrec.evaluation.search import title_fragment
 from fedrec.edge_runtime import BundleError, EdgeModel, open_bundle, verify_bundle
+from fedrec.edge_runtime.bundle import digest_line, sha256_file
 from fedrec.edge_runtime.server import make_server
 from fedrec.errors import FedrecError
 from fedrec.export.bundle import export_bundle
@@ -132,12 +134,42 @@ def test_runtime_results_equal_a_direct_computation_from_the_files(bundle, catal
 
 def test_manifest_describes_the_bundle(bundle, teacher_dir, catalog):
     manifest = verify_bundle(bundle)
-    assert manifest["model"]["kind"] == "student" and manifest["source"] == "student"
-    assert set(manifest["files"]) == {"user_tower.fp32.onnx", "user_tower.int8.onnx", "query_encoder.fp32.onnx",
-                                      "query_encoder.int8.onnx", "tokenizer.json", "items.npy", "items.json"}
+    assert manifest.model.kind == "student" and manifest.source == "student", "a name, not the builder's path"
+    assert set(manifest.files) == {"user_tower.fp32.onnx", "user_tower.int8.onnx", "query_encoder.fp32.onnx",
+                                   "query_encoder.int8.onnx", "tokenizer.json", "items.npy", "items.json"}
     teacher = Teacher.load(teacher_dir, catalog)
     np.testing.assert_allclose(np.load(bundle / "items.npy"), teacher.item_matrix().numpy(), rtol=1e-6)
-    assert manifest["model"]["parameters"]["tower"] == teacher.parameter_counts()["tower"]
+    assert manifest.model.parameters["tower"] == teacher.parameter_counts()["tower"]
+    if shutil.which("sha256sum"):
+        assert subprocess.run(["sha256sum", "--check", "--quiet", "manifest.sha256"], cwd=bundle).returncode == 0
+
+
+def flip_last_digit(path, key):
+    """One byte of `key`'s number in a JSON file changed (a digit stays a digit: valid JSON)."""
+    data = bytearray(path.read_bytes())
+    data[re.search(rf'"{key}": \d+'.encode(), data).end() - 1] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def rewritten(change):
+    """A damage that edits the manifest's JSON and recomputes manifest.sha256, as anyone able to
+    rewrite the bundle could: the digests then match, and only the manifest's schema can refuse it."""
+    def damage(folder):
+        manifest = json.loads((folder / "manifest.json").read_text())
+        change(manifest, folder)
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        (folder / "manifest.sha256").write_bytes(digest_line((folder / "manifest.json").read_bytes()))
+    return damage
+
+
+def items_listed_outside(name):
+    """model.items pointed at the catalog next to the bundle, which `files` lists (as `name(bundle)`)
+    with its true size and SHA-256."""
+    def change(manifest, folder):
+        outside = folder.parent / "outside.json"
+        manifest["files"][name(folder)] = {"sha256": sha256_file(outside), "bytes": outside.stat().st_size}
+        manifest["model"]["items"] = name(folder)
+    return rewritten(change)
 
 
 @pytest.mark.parametrize("damage, words", [
@@ -147,6 +179,10 @@ def test_manifest_describes_the_bundle(bundle, teacher_dir, catalog):
     (lambda b: (b / "items.json").write_text("{}"), "items.json has"),
     (lambda b: (b / "manifest.json").write_text(json.dumps({**json.loads((b / "manifest.json").read_text()),
                                                             "format_version": 99})), "format version 99"),
+    (lambda b: flip_last_digit(b / "manifest.json", "items_count"), "manifest.json does not match its SHA-256"),
+    (lambda b: (b / "manifest.json").write_text((b / "manifest.json").read_text().replace('"student"', '"teacher"')),
+     "manifest.json does not match"),
+    (lambda b: (b / "manifest.sha256").unlink(), "manifest.sha256 is missing"),
 ])
 def test_damaged_bundles_are_refused(bundle, tmp_path, damage, words):
     copy = shutil.copytree(bundle, tmp_path / "copy")
@@ -155,9 +191,63 @@ def test_damaged_bundles_are_refused(bundle, tmp_path, damage, words):
         EdgeModel(copy)
 
 
+@pytest.mark.parametrize("damage, words", [
+    (rewritten(lambda m, b: m["model"].update(items="/etc/passwd")),
+     "manifest.json: model.items must be a file of this bundle, got '/etc/passwd'"),
+    (rewritten(lambda m, b: m["model"].update(items="../outside.json")), "model.items must be a file of this bundle"),
+    (rewritten(lambda m, b: m["model"]["onnx"]["query_encoder"].update(int8=str(b.parent / "outside.onnx"))),
+     "model.onnx.query_encoder.int8 must be a file of this bundle"),
+    (rewritten(lambda m, b: m["model"]["onnx"]["user_tower"].update(fp32="../outside.onnx")),
+     "model.onnx.user_tower.fp32 must be a file of this bundle"),
+    (rewritten(lambda m, b: m["model"].update(item_index="/etc/passwd")), "model.item_index must be a file"),
+    (rewritten(lambda m, b: m["model"].update(tensorrt_engine="engine.plan")), "model.tensorrt_engine must be a file"),
+    (items_listed_outside(lambda b: "../outside.json"), "file name '../outside.json' escapes the bundle folder"),
+    (items_listed_outside(lambda b: str(b.parent / "outside.json")), "outside.json' escapes the bundle folder"),
+])
+def test_manifest_paths_outside_the_bundle_are_refused_even_with_a_matching_digest(bundle, tmp_path, damage, words):
+    """A valid catalog and graphs lie next to the bundle: a runtime that followed the manifest there
+    would load and serve them."""
+    copy = shutil.copytree(bundle, tmp_path / "copy")
+    shutil.copy(bundle / "items.json", tmp_path / "outside.json")
+    shutil.copy(bundle / "query_encoder.int8.onnx", tmp_path / "outside.onnx")
+    damage(copy)
+    with pytest.raises(BundleError, match=re.escape(words)):
+        EdgeModel(copy)
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda m, b: m.pop("model"), "manifest.json: model is missing"),
+    (lambda m, b: m.update(model=["items.json"]), "manifest.json: model must be an object, got ['items.json']"),
+    (lambda m, b: m["model"].pop("tokenizer"), "model.tokenizer is missing"),
+    (lambda m, b: m["model"].update(items=7), "model.items must be a string, got 7"),
+    (lambda m, b: m["model"].update(history_items="50"), "model.history_items must be a whole number ≥ 0, got '50'"),
+    (lambda m, b: m["model"].update(max_query_tokens=-1), "model.max_query_tokens must be a whole number ≥ 0"),
+    (lambda m, b: m["model"]["onnx"].pop("user_tower"), "model.onnx.user_tower is missing"),
+    (lambda m, b: m["model"]["onnx"]["query_encoder"].pop("fp32"), "model.onnx.query_encoder.fp32 is missing"),
+    (lambda m, b: m["files"]["items.npy"].update(bytes=True), "files.items.npy.bytes must be a whole number"),
+    (lambda m, b: m.pop("privacy"), "manifest.json: privacy is missing"),
+    (lambda m, b: m.update(metrics=None), "metrics must be an object, got None"),
+    (lambda m, b: m.update(source="/home/builder/runs/student"), "source must be a checkpoint's name"),
+])
+def test_malformed_manifests_are_refused_naming_the_key(bundle, tmp_path, change, words):
+    copy = shutil.copytree(bundle, tmp_path / "copy")
+    rewritten(change)(copy)
+    with pytest.raises(BundleError, match=re.escape(words)):
+        EdgeModel(copy)
+
+
+def test_a_rewritten_manifest_with_its_digest_still_opens_and_serves(bundle, tmp_path):
+    """The digest covers the manifest's bytes, not its layout: any valid manifest whose digest
+    matches is read (this is integrity, not authenticity)."""
+    copy = shutil.copytree(bundle, tmp_path / "copy")
+    rewritten(lambda m, b: m["metrics"].update(note="re-serialised"))(copy)
+    model = EdgeModel(copy)
+    assert model.manifest["metrics"] == {"note": "re-serialised"} and len(model.search("mug", 3)) == 3
+
+
 def test_archives_are_verified_and_cannot_escape(bundle, tmp_path):
-    folder = open_bundle(bundle.with_name("bundle.tar.gz"), tmp_path / "unpacked")
-    assert verify_bundle(folder)["format_version"] == 2
+    folder, manifest = open_bundle(bundle.with_name("bundle.tar.gz"), tmp_path / "unpacked")
+    assert manifest.format_version == 3 and verify_bundle(folder) == manifest
     truncated = tmp_path / "truncated.tar.gz"
     truncated.write_bytes(bundle.with_name("bundle.tar.gz").read_bytes()[:2000])
     with pytest.raises(BundleError, match="not a readable"):
@@ -291,8 +381,8 @@ def test_fp16_query_encoder_for_gpus_keeps_float32_io_and_matches_fp32(student_d
     import onnxruntime as ort
 
     gpu_bundle = export_bundle(student_dir, catalog, tmp_path / "fp16", int8=False, fp16=True)
-    assert verify_bundle(gpu_bundle)["model"]["onnx"]["query_encoder"] == {"fp32": "query_encoder.fp32.onnx",
-                                                                           "fp16": "query_encoder.fp16.onnx"}
+    assert verify_bundle(gpu_bundle).model.onnx["query_encoder"] == {"fp32": "query_encoder.fp32.onnx",
+                                                                     "fp16": "query_encoder.fp16.onnx"}
     graph = onnx.load(str(gpu_bundle / "query_encoder.fp16.onnx")).graph
     weights = [w for w in graph.initializer if len(w.dims) == 2]
     assert weights and all(w.data_type == onnx.TensorProto.FLOAT16 for w in weights)
@@ -319,7 +409,7 @@ def test_tensorrt_engine_builds_on_a_gpu_and_matches_onnx_runtime(student_dir, b
     from fedrec.export.tensorrt import Engine
 
     folder = export_bundle(student_dir, catalog, tmp_path / "trt", tensorrt=True)
-    assert verify_bundle(folder)["model"]["tensorrt_engine"] == "query_encoder.fp16.plan"
+    assert verify_bundle(folder).model.tensorrt_engine == "query_encoder.fp16.plan"
     cpu = EdgeModel(bundle, "fp32")
     feed = cpu.inputs([e.ids for e in cpu.tokenizer.encode_batch(queries(catalog))])
     reference = cpu.session.run(None, feed)[0]
@@ -334,4 +424,4 @@ def test_the_teacher_exports_too_with_its_own_encoder_for_queries(teacher_dir, c
     reference = teacher.encode_queries(queries(catalog, 20)).numpy()
     np.testing.assert_allclose(EdgeModel(bundle, "fp32").embed_queries(queries(catalog, 20)), reference,
                                rtol=1e-4, atol=1e-4)
-    assert verify_bundle(bundle)["model"]["kind"] == "teacher"
+    assert verify_bundle(bundle).model.kind == "teacher"

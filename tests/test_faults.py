@@ -18,10 +18,11 @@ from deployments import Deployment, rounds_done, tiny_config, wait_until
 
 from fedrec.federation.launch import run_config
 from fedrec.federation.region import sent_update_path
-from fedrec.federation.run_folder import RunFolder
+from fedrec.federation.run_folder import RunFolder, read_run_id
 from fedrec.privacy.accountant import opacus_epsilon
 from fedrec.privacy.budget import RegionBudget
 from fedrec.privacy.ledger import Ledger
+from fedrec.privacy.signing import SigningKey
 from fedrec.privacy.spend import segments
 
 # one region per stage, each serving the real "row" silo with its own state and DP budget
@@ -76,7 +77,7 @@ def test_regions_killed_or_hung_at_each_stage_never_undercount(tiny_encoder, pre
 
     # round 1's global is eu's update alone: no late or orphaned update was applied
     global_1, _ = RunFolder(run_dir).load_round(1)
-    with np.load(sent_update_path(regions / "eu", run_dir.name, 1)) as eu_sent:
+    with np.load(sent_update_path(regions / "eu", read_run_id(run_dir), 1)) as eu_sent:
         for name, value in global_1.items():
             np.testing.assert_allclose(value, eu_sent[name], rtol=1e-6)
 
@@ -90,13 +91,13 @@ def test_regions_killed_or_hung_at_each_stage_never_undercount(tiny_encoder, pre
         assert (entries[0].round == 1) == spent, f"{name}: round 1 spend recorded iff its ledger was reached"
         assert entries[-1].epsilon == pytest.approx(opacus_epsilon(segments(entries), budget.delta), rel=1e-9)
     # and what the server was told (its privacy claims) never exceeds what the ledgers say
-    claims = json.loads((run_dir / "privacy.json").read_text())
+    claims = json.loads((run_dir / "privacy.json").read_text())["claims"]
     for name in VICTIMS:
         entries = Ledger(regions / name / "ledger.jsonl").entries()
         assert claims[name]["epsilon"] <= entries[-1].epsilon + 1e-12
-    assert sent_update_path(regions / "v-send", run_dir.name, 1).exists()
-    assert not sent_update_path(regions / "v-ledger", run_dir.name, 1).exists()
-    assert not sent_update_path(regions / "v-mid", run_dir.name, 1).exists()
+    assert sent_update_path(regions / "v-send", read_run_id(run_dir), 1).exists()
+    assert not sent_update_path(regions / "v-ledger", read_run_id(run_dir), 1).exists()
+    assert not sent_update_path(regions / "v-mid", read_run_id(run_dir), 1).exists()
     audit = subprocess.run([sys.executable, "-m", "fedrec.tools", "audit", str(run_dir), str(regions)], capture_output=True, text=True)
     assert audit.returncode == 0, audit.stdout + audit.stderr
 
@@ -109,6 +110,7 @@ CHILD = textwrap.dedent("""
     from fedrec.errors import FedrecError
     from fedrec.federation.run_folder import RunFolder
     from fedrec.privacy.ledger import Ledger
+    from fedrec.privacy.signing import SigningKey
     mode, folder = sys.argv[1], sys.argv[2]
     if mode == "full":
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -123,7 +125,8 @@ CHILD = textwrap.dedent("""
     except FedrecError as exc:
         failures.append(str(exc))
     try:
-        Ledger(os.path.join(folder, "regions", "ledger.jsonl")).append(**ENTRY)
+        key = SigningKey.load_or_create(os.path.join(folder, "regions"))
+        Ledger(os.path.join(folder, "regions", "ledger.jsonl")).append(key, **ENTRY)
     except FedrecError as exc:
         failures.append(str(exc))
     print("\\n".join(failures))
@@ -143,7 +146,7 @@ def test_full_or_read_only_disk_is_a_clear_error_and_loses_nothing(mode, tmp_pat
     run = RunFolder.open(folder, {"x": 1}, resume=False)
     run.complete_round(1, {"a": np.zeros(10, np.float32)}, {}, {"round": 1}, {})
     ledger = Ledger(folder / "regions" / "ledger.jsonl")
-    ledger.append(**ledger_fields(1))
+    ledger.append(SigningKey.load_or_create(folder / "regions"), **ledger_fields(1))
     before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
     read_only = mode == "read-only" and os.geteuid() != 0
     for path in [folder, *folder.rglob("*")]:

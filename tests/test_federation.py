@@ -16,7 +16,7 @@ from fedrec.federation.certs import create_dev_pki, create_node_key
 from fedrec.federation.deployment import start_supernode
 from fedrec.federation.launch import RegionNode, run_config, simulate
 from fedrec.federation.region import sent_update_path
-from fedrec.federation.run_folder import RunFolder
+from fedrec.federation.run_folder import RunFolder, read_run_id
 from fedrec.privacy.accountant import opacus_epsilon
 from fedrec.privacy.budget import RegionBudget
 from fedrec.privacy.dp_sgd import round_shape
@@ -32,7 +32,8 @@ def test_two_rounds_three_regions_with_dp_decline_average_and_audit(tiny_encoder
     budgets = {"eu": RegionBudget(epsilon=40.0, delta=1e-3),                              # DP, ample
                "row": RegionBudget(epsilon=one_round * 1.05, delta=1e-3, noise_multiplier=2.0),  # one round
                "uk": RegionBudget(enabled=False)}                                          # --no-dp
-    history = simulate(prepared, REGIONS, run_dir, config, budgets, tls=True, echo=lambda _: None)
+    history = simulate(prepared, REGIONS, run_dir, config, budgets, tls=True, echo=lambda _: None,
+                       state_root=run_dir / "regions")
 
     assert [r["round"] for r in history] == [1, 2]
     assert sorted(history[0]["regions"]) == REGIONS and not history[0]["declined"]
@@ -44,14 +45,14 @@ def test_two_rounds_three_regions_with_dp_decline_average_and_audit(tiny_encoder
     run = RunFolder(run_dir)
     for server_round, regions in ((1, REGIONS), (2, ["eu", "uk"])):
         global_state, _ = run.load_round(server_round)
-        sent = {r: np.load(sent_update_path(run_dir / "regions" / r, run_dir.name, server_round)) for r in regions}
+        sent = {r: np.load(sent_update_path(run_dir / "regions" / r, read_run_id(run_dir), server_round)) for r in regions}
         weights = {r: int(sent[r]["__num_examples__"]) for r in regions}
         assert weights == {r: history[server_round - 1]["regions"][r]["num_examples"] for r in regions}
         total = sum(weights.values())
         for name, value in global_state.items():
             expected = sum(weights[r] * sent[r][name].astype(np.float64) for r in regions) / total
             np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-7)
-    assert not sent_update_path(run_dir / "regions" / "row", run_dir.name, 2).exists(), "nothing left row in round 2"
+    assert not sent_update_path(run_dir / "regions" / "row", read_run_id(run_dir), 2).exists(), "nothing left row in round 2"
     assert (run_dir / "final" / "tower.safetensors").is_file()
     final_meta = json.loads((run_dir / "final" / "teacher.json").read_text())
     assert sorted(final_meta["privacy"]) == ["eu", "row"]
@@ -118,7 +119,7 @@ def test_server_killed_mid_round_resumes_without_repeating_or_double_applying(ti
         np.testing.assert_array_equal(run.load_round(1)[0][name], value)
     # round 2, redone, holds each region's update exactly once: the mean of what they sent
     global_2, _ = run.load_round(2)
-    sent = {r: np.load(sent_update_path(run_dir.parent / "regions" / r, run_dir.name, 2)) for r in REGIONS}
+    sent = {r: np.load(sent_update_path(run_dir.parent / "regions" / r, read_run_id(run_dir), 2)) for r in REGIONS}
     weights = {r: int(sent[r]["__num_examples__"]) for r in REGIONS}
     for name, value in global_2.items():
         expected = sum(weights[r] * sent[r][name].astype(np.float64) for r in REGIONS) / sum(weights.values())

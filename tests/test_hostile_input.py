@@ -85,7 +85,8 @@ def small_bundle(prepared, tiny_teacher, tmp_path_factory):
 
 
 @FAST
-@given(name=st.sampled_from(["user_tower.fp32.onnx", "query_encoder.fp32.onnx", "tokenizer.json", "items.npy", "items.json", "manifest.json"]),
+@given(name=st.sampled_from(["user_tower.fp32.onnx", "query_encoder.fp32.onnx", "tokenizer.json", "items.npy",
+                             "items.json", "manifest.json", "manifest.sha256"]),
        position=st.floats(0, 1), cut=st.booleans())
 def test_any_flipped_or_truncated_byte_is_refused(small_bundle, tmp_path_factory, name, position, cut):
     copy = shutil.copytree(small_bundle, tmp_path_factory.mktemp("flip") / "b")

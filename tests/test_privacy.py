@@ -128,8 +128,8 @@ import time
 from fedrec.privacy.budget import RegionBudget
 from fedrec.privacy.spend import RegionPrivacy, segments
 privacy = RegionPrivacy("eu", RegionBudget(epsilon=50, delta=1e-5), sys.argv[1])
-decision = privacy.plan_round(users=400, batch_size=40, local_epochs=1, planned_rounds=4)
-print(privacy.record(decision, "run", int(sys.argv[2])).epsilon)
+decision = privacy.plan_round(users=400, batch_size=40, local_epochs=1, planned_rounds=4, run="run")
+print(privacy.record(decision, int(sys.argv[2])).epsilon)
 """
 
 
@@ -149,22 +149,22 @@ def test_budget_declines_the_round_that_would_overspend(tmp_path):
     privacy = RegionPrivacy("row", RegionBudget(epsilon=2.0, delta=1e-4, noise_multiplier=2.0), tmp_path)
     recorded = 0
     for server_round in range(1, 30):
-        decision = privacy.plan_round(users=100, batch_size=20, local_epochs=1, planned_rounds=3)
+        decision = privacy.plan_round(users=100, batch_size=20, local_epochs=1, planned_rounds=3, run="run")
         if not decision.allowed:
             break
-        privacy.record(decision, "run", server_round)
+        privacy.record(decision, server_round)
         recorded += 1
     assert 0 < recorded < 29
     assert "declines" in decision.reason and decision.projected_epsilon > 2.0
     assert privacy.spent() <= 2.0 and len(privacy.ledger.entries()) == recorded
     with pytest.raises(FedrecError, match="cannot record"):
-        privacy.record(decision, "run", 99)
+        privacy.record(decision, 99)
 
 
 def test_delta_must_be_below_one_over_users(tmp_path):
     privacy = RegionPrivacy("row", RegionBudget(epsilon=8, delta=0.01), tmp_path)
     with pytest.raises(FedrecError, match="not below 1/users"):
-        privacy.plan_round(users=200, batch_size=10, local_epochs=1, planned_rounds=1)
+        privacy.plan_round(users=200, batch_size=10, local_epochs=1, planned_rounds=1, run="run")
 
 
 CONCURRENT_SPEND = """
@@ -173,9 +173,9 @@ from fedrec.privacy.budget import RegionBudget
 from fedrec.privacy.spend import RegionPrivacy, segments
 privacy = RegionPrivacy("eu", RegionBudget(epsilon=50.0, delta=1e-5, noise_multiplier=1.0), sys.argv[1])
 with privacy.exclusive():
-    decision = privacy.plan_round(1000, 100, 1.0, 2)
+    decision = privacy.plan_round(1000, 100, 1.0, 2, "run")
     time.sleep(1.0)                   # without the lock both would plan on the empty history here
-    privacy.record(decision, "run", int(sys.argv[2]))
+    privacy.record(decision, int(sys.argv[2]))
 """
 
 
@@ -204,7 +204,7 @@ def test_a_round_waits_for_a_held_ledger_only_so_long_and_names_the_holder(tmp_p
 def test_tampered_ledgers_are_detected(tmp_path):
     privacy = RegionPrivacy("eu", RegionBudget(epsilon=50, delta=1e-5, noise_multiplier=1.0), tmp_path)
     for r in (1, 2, 3):
-        privacy.record(privacy.plan_round(400, 40, 1, 3), "run", r)
+        privacy.record(privacy.plan_round(400, 40, 1, 3, run="run"), r)
     path = privacy.ledger.path
     lines = path.read_text().splitlines()
 
@@ -216,8 +216,8 @@ def test_tampered_ledgers_are_detected(tmp_path):
 
     edited = json.loads(lines[1])
     edited["epsilon"] = 0.01
-    assert "entry 3" in broken("\n".join([lines[0], json.dumps(edited, sort_keys=True, separators=(",", ":")),
-                                           lines[2]]) + "\n")
+    edited_ledger = "\n".join([lines[0], json.dumps(edited, sort_keys=True, separators=(",", ":")), lines[2]]) + "\n"
+    assert "entry 2 does not carry a valid signature" in broken(edited_ledger)
     assert "entry 2" in broken("\n".join([lines[0], lines[2], lines[1]]) + "\n")
     assert "entry 1" in broken("\n".join(lines[1:]) + "\n")
     assert "entry 3" in broken("\n".join(lines[:2] + [lines[2][:40]]) + "\n")
@@ -226,7 +226,7 @@ def test_tampered_ledgers_are_detected(tmp_path):
 def test_a_torn_last_entry_fails_closed_until_repaired_and_repair_cuts_only_that(tmp_path):
     privacy = RegionPrivacy("eu", RegionBudget(epsilon=50, delta=1e-5, noise_multiplier=1.0), tmp_path)
     for r in (1, 2, 3):
-        privacy.record(privacy.plan_round(400, 40, 1, 3), "run", r)
+        privacy.record(privacy.plan_round(400, 40, 1, 3, run="run"), r)
     path, whole = privacy.ledger.path, privacy.ledger.path.read_bytes()
     two = whole[:whole.rindex(b"\n", 0, len(whole) - 1) + 1]
     spent_after_two = opacus_epsilon(segments(Ledger(path).entries()[:2]), 1e-5)
@@ -239,7 +239,7 @@ def test_a_torn_last_entry_fails_closed_until_repaired_and_repair_cuts_only_that
     with pytest.raises(LedgerError, match="last entry is incomplete.*repair-ledger"):
         Ledger(path).entries()
     with pytest.raises(LedgerError, match="incomplete"):
-        privacy.record(privacy.plan_round(400, 40, 1, 3), "run", 4)
+        privacy.record(privacy.plan_round(400, 40, 1, 3, run="run"), 4)
     assert path.read_bytes() == whole[:-25], "nothing appended after a torn entry"
     assert not audit([tmp_path]).ok
 

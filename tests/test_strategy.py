@@ -71,6 +71,25 @@ def test_coordinator_rejects_malformed_updates_instead_of_failing():
     assert "do not match" in invalid_update({"a": np.zeros(3)}, GLOBAL)
 
 
+def test_coordinator_accepts_a_dp_update_only_with_a_well_formed_claim_from_the_same_key(tmp_path):
+    from fedrec.federation.coordinator import region_claim
+    from fedrec.privacy.budget import RegionBudget
+    from fedrec.privacy.claims import PrivacyClaim
+    from fedrec.privacy.spend import RegionPrivacy
+
+    privacy = RegionPrivacy("eu", RegionBudget(epsilon=8, delta=1e-5, noise_multiplier=1.0), tmp_path / "eu")
+    entry = privacy.record(privacy.plan_round(400, 40, 1, 2, run="run"), 1)
+    sent = {"region": "eu", "dp": True, **PrivacyClaim.of_entry(entry).to_json()}
+    claim, problem = region_claim(sent, None)
+    assert problem == "" and claim == PrivacyClaim.of_entry(entry)
+    assert region_claim({"region": "uk", "dp": False}, None) == (None, "")
+    assert "epsilon must be a finite number" in region_claim({**sent, "epsilon": "lots"}, None)[1]
+    assert "round must be a whole number" in region_claim({k: v for k, v in sent.items() if k != "round"}, None)[1]
+    other = RegionPrivacy("eu", RegionBudget(epsilon=8, delta=1e-5, noise_multiplier=1.0), tmp_path / "impostor")
+    impostor = PrivacyClaim.of_entry(other.record(other.plan_round(400, 40, 1, 2, run="run"), 2))
+    assert "not the key" in region_claim({**sent, **impostor.to_json()}, claim)[1]
+
+
 @pytest.mark.parametrize("strategy, trim", [("fedmedian", 0.0), ("trimmed_mean", 0.25)])
 def test_robust_rules_bound_a_poisoned_region(strategy, trim):
     honest = [update(r, [0.1 * i, 0.1, -0.1], 1.0 + 0.1 * i, 10) for i, r in enumerate(("uk", "eu", "ch", "de"))]

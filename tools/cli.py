@@ -16,7 +16,7 @@ app = typer.Typer(help="Federated, differentially private search and recommendat
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Turn raw transactions into regional silos.", no_args_is_help=True)
 model_app = typer.Typer(help="Encoders for the teacher.", no_args_is_help=True)
-privacy_app = typer.Typer(help="Plan a region's privacy budget.", no_args_is_help=True)
+privacy_app = typer.Typer(help="Plan a region's privacy budget, see what it has spent, repair its ledger.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(model_app, name="model")
 app.add_typer(privacy_app, name="privacy")
@@ -103,21 +103,58 @@ def model_tiny(out: Path = typer.Option(..., "--out"), hidden: int = 32, layers:
     typer.echo(f"wrote {create_random_encoder(out, hidden, layers, heads, seed)}")
 
 
+# -- a region's budget ---------------------------------------------------------------------------
+def _budget(no_dp: bool, epsilon: float, delta: float, max_grad_norm: float, noise_multiplier: float,
+            accountant: str):
+    from fedrec.privacy.budget import RegionBudget
+
+    budget = RegionBudget(epsilon=epsilon, delta=delta, max_grad_norm=max_grad_norm,
+                          noise_multiplier=noise_multiplier, accountant=accountant, enabled=not no_dp)
+    budget.validate()
+    return budget
+
+
+NoDP = typer.Option(False, "--no-dp", help="Train this region WITHOUT differential privacy (explicit opt-out).")
+Epsilon = typer.Option(8.0, help="The region's lifetime privacy budget ε: every run on its data spends from it.")
+Delta = typer.Option(1e-5, help="δ of the region's (ε, δ) guarantee; must be below 1/users.")
+MaxGradNorm = typer.Option(1.0, help="C: each user's gradient is clipped to this norm.")
+NoiseMultiplier = typer.Option(0.0, help="σ; 0 derives it from ε for the planned rounds.")
+Accountant = typer.Option("prv", help="prv (default) or rdp.")
+
+
 @app.command()
 def train(
     data: Path = typer.Option(..., "--data", help="Output folder of `fedrec data prepare`."),
     out: Path = typer.Option(..., "--out", help="Checkpoint folder (adapters, config, history)."),
     regions: str = typer.Option("all", help="'all' (central, pooled) or a comma list such as 'eu'."),
     encoder: Optional[str] = typer.Option(None, help="Encoder directory (default: bundled all-MiniLM-L6-v2)."),
+    dp: bool = typer.Option(False, "--dp", help="Train one region's data alone under user-level DP, spending "
+                                                "from its ledger (federation.rounds rounds of DP-SGD)."),
+    state_dir: Optional[Path] = typer.Option(None, help="With --dp: the region's records; default DATA/<region>/.fedrec."),
+    epsilon: float = Epsilon, delta: float = Delta, max_grad_norm: float = MaxGradNorm,
+    noise_multiplier: float = NoiseMultiplier, accountant: str = Accountant,
     config: Optional[Path] = ConfigOption,
     set_: List[str] = SetOption,
 ) -> None:
-    """Train the teacher without privacy: pooled regions (upper bound) or one region (lower bound)."""
+    """Train the teacher: without privacy on pooled regions (upper bound) or one region (lower
+    bound), or with --dp on one region's data, as that region would on its own."""
     from fedrec.data.silo import load_dataset
     from fedrec.model.teacher import Teacher, pick_device
     from fedrec.training.trainer import fit
 
     cfg = _config(config, set_, encoder)
+    if dp:
+        from fedrec.federation.region import RegionSettings, default_state_dir, train_alone
+
+        names = _regions(regions)
+        if names is None or len(names) != 1:
+            raise FedrecError("--dp trains one region's data against that region's ledger",
+                              hint="Pass --regions NAME (e.g. --regions eu).")
+        budget = _budget(False, epsilon, delta, max_grad_norm, noise_multiplier, accountant)
+        settings = RegionSettings(names[0], str(data / names[0]), str(state_dir or default_state_dir(data / names[0])), budget)
+        typer.echo(f"region {names[0]} alone under DP (lifetime ε={epsilon:g}, δ={delta:g}; ledger in {settings.state_dir})")
+        typer.echo(f"saved {train_alone(settings, cfg, out, typer.echo)}")
+        return
     silos = load_dataset(data, _regions(regions))
     typer.echo("encoding the catalog's item texts with the frozen encoder")
     teacher = Teacher(cfg.model, next(iter(silos.values())).catalog).to(pick_device())
@@ -153,23 +190,7 @@ def evaluate(
         typer.echo(f"wrote {json_out}")
 
 
-# -- federation --------------------------------------------------------------------------------
-def _budget(no_dp: bool, epsilon: float, delta: float, max_grad_norm: float, noise_multiplier: float,
-            accountant: str):
-    from fedrec.privacy.budget import RegionBudget
-
-    budget = RegionBudget(epsilon=epsilon, delta=delta, max_grad_norm=max_grad_norm,
-                          noise_multiplier=noise_multiplier, accountant=accountant, enabled=not no_dp)
-    budget.validate()
-    return budget
-
-
-NoDP = typer.Option(False, "--no-dp", help="Train this region WITHOUT differential privacy (explicit opt-out).")
-Epsilon = typer.Option(8.0, help="The region's total privacy budget ε across all rounds.")
-Delta = typer.Option(1e-5, help="δ of the region's (ε, δ) guarantee; must be below 1/users.")
-MaxGradNorm = typer.Option(1.0, help="C: each user's gradient is clipped to this norm.")
-NoiseMultiplier = typer.Option(0.0, help="σ; 0 derives it from ε for the planned rounds.")
-Accountant = typer.Option("prv", help="prv (default) or rdp.")
+# -- federation ----------------------------------------------------------------------------------
 
 
 @app.command()
@@ -244,7 +265,7 @@ def client(
     region: str = typer.Option(..., help="This region's name, e.g. eu."),
     data: Path = typer.Option(..., help="This region's silo folder (OUT/<region> of `fedrec data prepare`)."),
     superlink: str = typer.Option(..., help="The coordinator's SuperLink HOST:PORT."),
-    state_dir: Optional[Path] = typer.Option(None, help="The region's own records (ledger, sent updates); default DATA/.fedrec."),
+    state_dir: Optional[Path] = typer.Option(None, help="The region's own records (signed ledger, key, sent updates); default DATA/.fedrec."),
     root_cert: Optional[Path] = typer.Option(None, help="CA certificate that signed the SuperLink's certificate."),
     insecure: bool = typer.Option(False, "--insecure", help="Plain-text HTTP (explicit opt-out of TLS)."),
     auth_key: Optional[Path] = typer.Option(None, help="This node's private key, when the SuperLink requires registered nodes."),
@@ -255,6 +276,7 @@ def client(
     from fedrec.data.silo import load_silo
     from fedrec.federation.deployment import start_supernode
     from fedrec.federation.launch import RegionNode
+    from fedrec.federation.region import default_state_dir
     from fedrec.training.objective import can_train
 
     if not insecure and root_cert is None:
@@ -263,7 +285,7 @@ def client(
     budget = _budget(no_dp, epsilon, delta, max_grad_norm, noise_multiplier, accountant)
     users = sum(can_train(u) for u in load_silo(data).users)
     budget.validate(users)             # refuse δ ≥ 1/users before joining anything
-    node = RegionNode(region, data, state_dir or data / ".fedrec", budget)
+    node = RegionNode(region, data, state_dir or default_state_dir(data), budget)
     process = start_supernode(f"supernode-{region}", superlink, node.node_config(), node.state_dir,
                               None if insecure else root_cert, auth_key, wait=False)
     typer.echo(f"region {region}: {users} users, {'DP ε=%g δ=%g' % (epsilon, delta) if budget.enabled else 'NO DP'}; "
@@ -283,7 +305,9 @@ def client(
 def simulate(
     data: Path = typer.Option(..., "--data", help="Output folder of `fedrec data prepare`."),
     regions: str = typer.Option("all", help="Comma list of regions, or 'all'."),
-    run_dir: Path = typer.Option(Path("runs/simulate"), "--run-dir", help="Run folder (region records under regions/)."),
+    run_dir: Path = typer.Option(Path("runs/simulate"), "--run-dir", help="Run folder: config, checkpoints, metrics, final teacher."),
+    state_root: Optional[Path] = typer.Option(None, help="Keep each region's records (ledger, key) under STATE_ROOT/<region> "
+                                                         "instead of beside its data (DATA/<region>/.fedrec)."),
     rounds: Optional[int] = typer.Option(None, help="Number of rounds (default from the config)."),
     resume: bool = typer.Option(False, help="Continue the run in --run-dir."),
     insecure: bool = typer.Option(False, "--insecure", help="Skip TLS on loopback."),
@@ -304,7 +328,7 @@ def simulate(
     names = _regions(regions) or dataset_regions(data)
     budget = _budget(no_dp, epsilon, delta, max_grad_norm, noise_multiplier, accountant)
     history = run(data, names, run_dir, cfg, {r: budget for r in names}, tls=not insecure, resume=resume,
-                  echo=typer.echo)
+                  echo=typer.echo, state_root=state_root)
     typer.echo(f"done: {len(history)} round(s); run folder {run_dir}; final teacher {run_dir / 'final'}")
 
 
@@ -315,12 +339,20 @@ def audit_command(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
     html_out: Optional[Path] = typer.Option(None, "--html", help="Write an HTML report with a plot of ε per round."),
     bundle: Optional[Path] = typer.Option(None, help="Check the privacy claim of a bundle or checkpoint."),
+    key: List[str] = typer.Option([], help="REGION=HEX: the region's public signing key as its privacy officer "
+                                           "recorded it (`fedrec privacy status`); repeatable."),
 ) -> None:
-    """Verify each region's ledger, recompute every ε (Opacus and dp-accounting), check claims."""
+    """Verify each region's signed ledger, recompute every ε (Opacus and dp-accounting), check claims."""
     from fedrec.atomic import write_json
     from fedrec.privacy.audit import audit, format_audit, write_html
 
-    report = audit(paths, bundle)
+    pinned = {}
+    for pair in key:
+        region, sep, value = pair.partition("=")
+        if not sep or not region or not value:
+            raise FedrecError(f"--key {pair!r}: expected REGION=HEX")
+        pinned[region] = value.strip()
+    report = audit(paths, bundle, pinned)
     typer.echo(format_audit(report))
     if json_out:
         write_json(json_out, report.to_json())
@@ -343,6 +375,15 @@ def privacy_plan(users: int = typer.Option(...), batch: int = typer.Option(32), 
                f"(noise per averaged step {plan.noise_per_step:.3f}·C)")
     for warning in plan.warnings:
         typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW)
+
+
+@privacy_app.command("status")
+def privacy_status(states: List[Path] = typer.Argument(..., help="Region state folders (default DATA/<region>/.fedrec) or ledger files.")) -> None:
+    """Lifetime ε of each region's data, run by run, and the key that signs its ledger."""
+    from fedrec.privacy.status import format_status, region_status
+
+    for state in states:
+        typer.echo(format_status(region_status(state)))
 
 
 @privacy_app.command("repair-ledger")
@@ -407,7 +448,8 @@ def export_command(
     fp16: bool = typer.Option(False, help="Also write the FP16 query encoder, for GPUs (ONNX Runtime CUDA / TensorRT)."),
     tensorrt: bool = typer.Option(False, help="Also build a TensorRT engine from the FP16 query encoder (NVIDIA GPU + tensorrt extra)."),
     tar: bool = typer.Option(False, help="Also write OUT.tar.gz."),
-    metrics: Optional[Path] = typer.Option(None, help="Evaluation JSON (`fedrec evaluate --json`) to record."),
+    metrics: Optional[Path] = typer.Option(None, help="Evaluation JSON (`fedrec evaluate --json`) to record. Metrics "
+                                                      "are computed on users' data without noise: ship only ones you may publish."),
     int8_index: bool = typer.Option(False, help="Also write an int8 item index (for catalogs of ~100k items and more)."),
 ) -> None:
     """Build an edge bundle: user tower and query encoder as ONNX FP32/INT8 (FP16, TensorRT for GPUs),

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from fedrec.config import FedrecConfig
+from fedrec.errors import FedrecError
 
 DEMO_SETTINGS = {                  # sized for about 10 minutes on 2 CPU cores; BENCHMARKS.md has fuller runs
     "federation.rounds": 6,
@@ -35,21 +36,27 @@ def run_demo(source: Path, out: Path, config: FedrecConfig | None = None, epsilo
     from fedrec.evaluation.evaluate import build_rankers, evaluate, evaluate_ranker, format_report
     from fedrec.export.bundle import export_bundle
     from fedrec.federation.launch import simulate
+    from fedrec.federation.region import default_state_dir
     from fedrec.model.teacher import Teacher
     from fedrec.privacy.audit import audit, format_audit
     from fedrec.privacy.budget import RegionBudget
+    from fedrec.privacy.ledger import LEDGER_FILE
     from fedrec.tools.bundle_eval import BundleRanker
 
     config = config or FedrecConfig.from_flat(DEMO_SETTINGS)
     started = time.perf_counter()
     out = out.resolve()
+    if (out / "federated-run").exists():
+        raise FedrecError(f"{out} holds an earlier demo, whose regions spent their privacy budgets on these users",
+                          hint=f"Pass another --out, or delete {out} (which discards its privacy records) to start over.")
     echo(f"1/6 preparing regional silos from {source}")
     prepared = prepare(source, out / "silos")
     regions = sorted(prepared.summary["regions"])
     for region, counts in prepared.summary["regions"].items():
         echo(f"    {region}: {counts['users']} users, {counts['users_with_test']} with a test basket")
 
-    echo(f"2/6 federated training with user-level DP (ε={epsilon:g}, δ={delta:g} per region), "
+    echo(f"2/6 federated training with user-level DP (lifetime ε={epsilon:g}, δ={delta:g} per region; "
+         f"records beside each silo in {out / 'silos'}/<region>/.fedrec), "
          f"{config.federation.rounds} rounds over a TLS loopback Flower deployment")
     run_dir = out / "federated-run"
     budgets = {r: RegionBudget(epsilon=epsilon, delta=delta) for r in regions}
@@ -69,8 +76,7 @@ def run_demo(source: Path, out: Path, config: FedrecConfig | None = None, epsilo
     student, _ = distill(teacher, run_dir / "final", config, out / "student", echo)
 
     echo("5/6 edge bundle (ONNX FP32 + INT8), evaluated through the torch-free runtime")
-    bundle = export_bundle(out / "student", catalog, out / "bundle", tar=True,
-                           metrics={k: report[k] for k in ("federated DP teacher", "co-occurrence")})
+    bundle = export_bundle(out / "student", catalog, out / "bundle", tar=True)   # no metrics: they are not DP
     edge = EdgeModel(bundle, "int8")
     report["bundle (INT8, runtime API)"] = evaluate_ranker(BundleRanker(edge, catalog), silos, "test")
     write_json(out / "evaluation.json", report)
@@ -87,7 +93,7 @@ def run_demo(source: Path, out: Path, config: FedrecConfig | None = None, epsilo
         echo(f"    search 'christmas lights' → {r.title} ({r.score:.1f})")
 
     echo("6/6 privacy audit of every region's ledger and of the bundle's claim")
-    audited = audit([run_dir], bundle=bundle)
+    audited = audit([run_dir, out / "silos"], bundle=bundle)
     echo(format_audit(audited))
     summary = {"minutes": (time.perf_counter() - started) / 60, "audit_ok": audited.ok,
                "test_ndcg@10": {k: v["overall"]["ndcg@10"] for k, v in report.items()},
@@ -97,7 +103,7 @@ def run_demo(source: Path, out: Path, config: FedrecConfig | None = None, epsilo
                              "teacher": str(run_dir / "final"), "student": str(out / "student"),
                              "bundle": str(bundle), "bundle_archive": str(bundle) + ".tar.gz",
                              "evaluation": str(out / "evaluation.json"),
-                             "ledgers": [str(run_dir / "regions" / r / "ledger.jsonl") for r in regions]}}
+                             "ledgers": [str(default_state_dir(out / "silos" / r) / LEDGER_FILE) for r in regions]}}
     write_json(out / "demo-summary.json", summary)
     echo(f"done in {summary['minutes']:.1f} min. Artefacts:")
     for name, path in summary["artefacts"].items():
