@@ -186,7 +186,9 @@ def provenance_chain(path: Path) -> list[Path]:
         chain.append(meta)
         data = _read_json(meta)
         link = data.get("source") or data.get("teacher") if isinstance(data, dict) else None
-        path = Path(link) if isinstance(link, str) and Path(link).exists() else None
+        # a bundle names its source by folder name only: look beside the bundle
+        linked = Path(link) if isinstance(link, str) and Path(link).is_absolute() else meta.parent.parent / str(link)
+        path = linked if isinstance(link, str) and linked.exists() else None
     return chain
 
 
