@@ -1,9 +1,10 @@
-# Set-up and the two everyday commands. `make demo` and `make test` each create .venv first.
+# Set-up and the two everyday commands. `make install` only creates .venv; `make demo` and
+# `make test` each create it first.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test bench clean
+.PHONY: install demo test bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -12,6 +13,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[training,edge,dev]'
 	touch $@
+
+install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(BIN)/fedrec demo

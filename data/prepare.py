@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fedrec.atomic import atomic_dir, write_json
+from fedrec.atomic import atomic_dir, refuse_to_replace, write_json
 from fedrec.data.regions import RegionMap
 from fedrec.data.sources import Ingested, is_online_retail, read_generic, read_online_retail, read_table
 from fedrec.data.split import SPLITS, split_by_basket
@@ -77,20 +77,21 @@ def prepare(source: str | Path, out: str | Path, catalog: str | Path | None = No
 def refuse_to_replace_foreign_files(out: str | Path) -> None:
     """OUT is replaced as a whole, so it may hold only what `prepare` writes. Anything else is
     someone's: above all a region's privacy records, which live by default beside its silo
-    (OUT/<region>/.fedrec/), and whose loss would silently reset that region's privacy budget."""
+    (OUT/<region>/.fedrec/), and whose loss would silently reset that region's privacy budget.
+    Then the rule for every output folder (`refuse_to_replace`): it must also be one fedrec wrote."""
     out = Path(out)
-    if not out.is_dir():
-        return
-    for path in sorted(p for p in out.rglob("*") if not p.is_dir()):
-        relative = path.relative_to(out).parts
-        if relative in (("catalog.parquet",), ("summary.json",)) or (
-                len(relative) == 2 and relative[1] == "interactions.parquet"):
-            continue
-        what = ("a region's privacy records: replacing the folder would reset that region's privacy budget"
-                if ".fedrec" in relative else "replacing the folder would delete it")
-        raise DataError(f"{out} holds a file `fedrec data prepare` did not write ({what})", file=str(path),
-                        hint=f"Move it out of {out} (a region's state folder can be passed with --state-dir), "
-                             "or prepare into a new --out.")
+    if out.is_dir():
+        for path in sorted(p for p in out.rglob("*") if not p.is_dir()):
+            relative = path.relative_to(out).parts
+            if relative in (("catalog.parquet",), ("summary.json",)) or (
+                    len(relative) == 2 and relative[1] == "interactions.parquet"):
+                continue
+            what = ("a region's privacy records: replacing the folder would reset that region's privacy budget"
+                    if ".fedrec" in relative else "replacing the folder would delete it")
+            raise DataError(f"{out} holds a file `fedrec data prepare` did not write ({what})", file=str(path),
+                            hint=f"Move it out of {out} (a region's state folder can be passed with --state-dir), "
+                                 "or prepare into a new --out.")
+    refuse_to_replace(out)
 
 
 def region_summary(frame: pd.DataFrame) -> dict:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fedrec.data.regions import region_name
 from fedrec.errors import DataError
 from fedrec.text import item_text
 
@@ -101,14 +102,23 @@ class Silo:
         return [u for u in self.users if u.has_split(split)]
 
 
-def dataset_regions(root: str | Path) -> list[str]:
+def dataset_regions(root: str | Path, names: list[str] | None = None) -> list[str]:
+    """The regions of a prepared dataset (its silo folders), or those of them `names` gives (none:
+    all), normalised and checked to be among them before anything starts, not minutes into a run."""
     root = Path(root)
-    regions = sorted(p.name for p in root.iterdir() if (p / "interactions.parquet").is_file()) \
+    available = sorted(p.name for p in root.iterdir() if (p / "interactions.parquet").is_file()) \
         if root.is_dir() else []
-    if not regions:
+    if not available:
         raise DataError("no region silos found", file=str(root),
                         hint="Point at the output folder of `fedrec data prepare`.")
-    return regions
+    if not names:
+        return available
+    names = list(dict.fromkeys(region_name(name) for name in names))
+    unknown = [name for name in names if name not in available]
+    if unknown:
+        raise DataError(f"unknown region(s) {', '.join(unknown)}; this dataset has {', '.join(available)}",
+                        file=str(root))
+    return names
 
 
 def load_silo(silo_dir: str | Path, catalog: Catalog | None = None) -> Silo:
@@ -149,11 +159,6 @@ def load_silo(silo_dir: str | Path, catalog: Catalog | None = None) -> Silo:
 def load_dataset(root: str | Path, regions: list[str] | None = None) -> dict[str, Silo]:
     """Every region (or the named ones) of a prepared dataset, sharing one catalog."""
     root = Path(root)
-    available = dataset_regions(root)
-    regions = regions or available
-    unknown = sorted(set(regions) - set(available))
-    if unknown:
-        raise DataError(f"unknown region(s) {', '.join(unknown)}; this dataset has {', '.join(available)}",
-                        file=str(root))
+    regions = dataset_regions(root, regions)
     catalog = Catalog.load(root / "catalog.parquet")
     return {region: load_silo(root / region, catalog) for region in regions}

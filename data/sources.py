@@ -10,14 +10,16 @@ row (1-based, header not counted) and the column.
 from __future__ import annotations
 
 import re
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet
 
-from fedrec.data.regions import RegionMap
+from fedrec.data.regions import REGION_NAME, REGION_RULE, RegionMap, region_name
 from fedrec.errors import DataError
 
 ONLINE_RETAIL_COLUMNS = ["InvoiceNo", "StockCode", "Description", "Quantity", "InvoiceDate",
@@ -27,6 +29,8 @@ ONLINE_RETAIL_COLUMNS = ["InvoiceNo", "StockCode", "Description", "Quantity", "I
 PRODUCT_CODE = re.compile(r"^\d{5}[A-Za-z]{0,2}$")
 INTERACTION_COLUMNS = ["user_id", "item_id", "timestamp", "region", "query"]
 CATALOG_COLUMNS = ["item_id", "title", "category", "description", "price"]
+# Silos hold nanosecond timestamps, whose range this is.
+TIMESTAMP_RANGE = (pd.Timestamp.min.tz_localize("UTC"), pd.Timestamp.max.tz_localize("UTC"))
 
 
 @dataclass
@@ -44,7 +48,9 @@ def read_table(path: str | Path) -> pd.DataFrame:
     name = path.name.lower()
     try:
         if name.endswith((".parquet", ".pq")):
-            frame = pd.read_parquet(path)
+            table = pyarrow.parquet.read_table(path)
+            table.validate(full=True)     # else a damaged file's non-UTF-8 text fails later, unlocated
+            frame = table.to_pandas()
             for column in frame.columns:
                 if not pd.api.types.is_datetime64_any_dtype(frame[column]):
                     frame[column] = frame[column].astype("string").fillna("").astype(str)
@@ -56,8 +62,13 @@ def read_table(path: str | Path) -> pd.DataFrame:
     except UnicodeDecodeError as exc:
         raise DataError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", file=str(path),
                         hint="Re-encode the file as UTF-8.") from exc
-    except (ValueError, OSError, ImportError) as exc:
-        raise DataError(f"cannot parse: {exc}", file=str(path)) from exc
+    except Exception as exc:
+        # pyarrow and openpyxl fail on a damaged Parquet or XLSX file with almost any exception
+        # type; text fails with these (EOFError: a cut .gz, which the CLI would print as "Aborted.")
+        binary = name.endswith((".parquet", ".pq", ".xlsx", ".xls"))
+        if not (binary or isinstance(exc, (ValueError, OSError, ImportError, EOFError, zlib.error))):
+            raise
+        raise DataError(f"cannot parse: {str(exc) or type(exc).__name__}", file=str(path)) from exc
 
 
 def is_online_retail(frame: pd.DataFrame) -> bool:
@@ -147,9 +158,9 @@ def read_generic(raw: pd.DataFrame, ifile: str, catalog_path: str | Path,
                         row=row + 1, column="item_id", hint="Each catalog item must appear once.")
 
     if "region" in raw:
-        region = raw["region"].astype(str).str.strip()
+        region = raw["region"].astype(str).str.strip().str.lower()
     elif default_region:
-        region = pd.Series(default_region, index=raw.index)
+        region = pd.Series(region_name(default_region), index=raw.index)
     else:
         raise DataError("no 'region' column", file=ifile, column="region",
                         hint="Add a region column or pass --region NAME for a single-region file.")
@@ -162,6 +173,8 @@ def read_generic(raw: pd.DataFrame, ifile: str, catalog_path: str | Path,
     })
     for column in ("user_id", "item_id", "region"):
         _no_empty(interactions, column, column, ifile)
+    _fail_at(~interactions["region"].str.fullmatch(REGION_NAME.pattern), interactions, "region", ifile,
+             f"not a region name ({REGION_RULE})")
     unknown = ~interactions["item_id"].isin(set(catalog["item_id"]))
     if unknown.any():
         row = int(np.flatnonzero(unknown.to_numpy())[0])
@@ -221,4 +234,7 @@ def _timestamps(frame: pd.DataFrame, column: str, file: str) -> pd.Series:
                 parsed[retry] = pd.to_datetime(text[retry], format="%m/%d/%Y %H:%M", utc=True,
                                                errors="coerce")
     _fail_at(parsed.isna(), frame, column, file, "not a timestamp (use ISO 8601 or Unix seconds)")
+    earliest, latest = TIMESTAMP_RANGE
+    _fail_at((parsed < earliest) | (parsed > latest), frame, column, file,
+             f"a timestamp outside {earliest:%Y-%m-%d} to {latest:%Y-%m-%d}")
     return parsed.dt.tz_convert(None).astype("datetime64[ns]")

@@ -6,6 +6,8 @@ import numpy as np
 
 from typing import Callable
 
+from tqdm.auto import tqdm
+
 from fedrec.config import ModelConfig
 from fedrec.data.silo import Silo
 from fedrec.evaluation.metrics import METRICS, rank_metrics
@@ -21,9 +23,10 @@ def eval_cases(silo: Silo, split: str) -> list[EvalCase]:
 
 
 def evaluate_ranker(ranker: Ranker, silos: dict[str, Silo], split: str = "test", chunk: int = 512,
-                    targets: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+                    targets: np.ndarray | None = None, desc: str | None = None) -> dict[str, dict[str, float]]:
     """Per-region means and the user-weighted overall mean of every metric. `targets` (a boolean
-    mask over items) keeps only those target items, and only the users left with one: a slice."""
+    mask over items) keeps only those target items, and only the users left with one: a slice.
+    `desc` shows a progress bar per region (ranking the full catalog takes minutes on big data)."""
     per_region, pooled = {}, {m: [] for m in METRICS}
     for region, silo in silos.items():
         cases = eval_cases(silo, split)
@@ -31,7 +34,8 @@ def evaluate_ranker(ranker: Ranker, silos: dict[str, Silo], split: str = "test",
             cases = [EvalCase(c.history, c.ages, c.query, c.targets[targets[c.targets]])
                      for c in cases if targets[c.targets].any()]
         values = {m: [] for m in METRICS}
-        for start in range(0, len(cases), chunk):
+        for start in tqdm(range(0, len(cases), chunk), desc=f"{desc} {region}", unit="batch", leave=False,
+                          disable=desc is None):
             part = cases[start:start + chunk]
             result = rank_metrics(ranker.score(region, part), [c.targets for c in part],
                                   [c.history for c in part])
@@ -62,7 +66,8 @@ def summarise(values: dict[str, list[np.ndarray]]) -> dict[str, float]:
 
 
 def evaluate(rankers: dict[str, Ranker], silos: dict[str, Silo], split: str = "test") -> Report:
-    return {name: evaluate_ranker(ranker, silos, split) for name, ranker in rankers.items()}
+    return {name: evaluate_ranker(ranker, silos, split, desc=f"{name} on {split}")
+            for name, ranker in rankers.items()}
 
 
 def format_report(report: Report, metrics: tuple[str, ...] = ("ndcg@10", "recall@10", "ndcg@20",
@@ -90,11 +95,16 @@ def build_rankers(silos: dict[str, Silo], checkpoints: list, peers: bool = True,
         rankers["popularity (region)"] = Popularity(silos, per_region=True)
         rankers["co-occurrence"] = CoOccurrence(silos)
         rankers["ItemKNN"] = ItemKNN(silos)
-        ease = EASE.tuned(silos, lambda r: evaluate_ranker(r, silos, "val")["overall"]["ndcg@10"])
+        ease = EASE.tuned(silos, lambda r: evaluate_ranker(r, silos, "val", desc=f"EASE λ={r.l2:g} on val")
+                          ["overall"]["ndcg@10"])
         rankers[f"EASE (λ={ease.l2:g})"] = ease
-    teachers = [Teacher.load(path, catalog, encoder).to(pick_device()) for path in checkpoints]
+    encoding = f"encoding the catalog's {len(catalog):,} item texts with the frozen encoder"
+    teachers = []
+    for path in checkpoints:
+        log(f"loading {path}: {encoding}")
+        teachers.append(Teacher.load(path, catalog, encoder).to(pick_device()))
     if zero_shot:
-        log("zero-shot encoder: item text vectors")
+        log("zero-shot encoder: item text vectors" + ("" if teachers else f"; {encoding}"))
         text = teachers[0].tower.text if teachers else Teacher(ModelConfig(encoder=encoder or ""), catalog).tower.text
         rankers["zero-shot encoder"] = ZeroShot(text.cpu().numpy())
     for path, teacher in zip(checkpoints, teachers):

@@ -132,6 +132,8 @@ def find(paths: list[Path]) -> Found:
             raise FedrecError(f"{path} does not exist")
         files = [path] if path.is_file() else sorted(path.rglob("*"))
         for file in files:
+            if file.is_dir():
+                continue
             if file.name == LEDGER_FILE or (path.is_file() and file.suffix == ".jsonl"):
                 region = _ledger_region(file)
                 if region in found.ledgers and found.ledgers[region] != file:
@@ -146,7 +148,7 @@ def _ledger_region(path: Path) -> str:
     try:
         first = path.read_text().splitlines()[:1]
         return json.loads(first[0])["region"] if first else path.parent.name
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
         return path.parent.name
 
 
@@ -317,7 +319,7 @@ def format_audit(report: AuditReport) -> str:
         mark = "✓" if check["ok"] else "✗"
         lines.append(f"{mark} claim {check['region']} ε={check['epsilon']:.3f} (run {check['run']} round "
                      f"{check['round']}) from {check['source']}" + ("" if check["ok"] else f": {check['problem']}"))
-    claimed = {c.get("problem") for c in report.claims_checked}
+    claimed = {c.get("problem") for c in report.claims_checked if "region" in c}
     lines += [f"✗ {p}" for p in report.problems if p not in claimed]
     lines.append("audit passed" if report.ok else "audit FAILED")
     return "\n".join(lines)

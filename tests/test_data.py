@@ -3,20 +3,25 @@ catalog, bad input."""
 
 from __future__ import annotations
 
+import gzip
+import json
+import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from fedrec.atomic import OUTPUT_MARKER, atomic_dir
 from fedrec.data.prepare import prepare
 from fedrec.data.regions import RegionMap
 from fedrec.data.silo import load_dataset
 from fedrec.data.sources import PRODUCT_CODE
-from fedrec.errors import DataError
+from fedrec.errors import DataError, FedrecError
 
 
 def test_row_counts_and_cleaning_rules(retail_slice, prepared):
@@ -65,7 +70,7 @@ def test_region_mapping(retail_slice, prepared):
         user=lambda f: f["CustomerID"].str.replace(".0", "", regex=False)).groupby("user")["Country"].first()
     expected = {"United Kingdom": "uk", "Germany": "eu", "France": "eu", "EIRE": "eu",
                 "Channel Islands": "eu", "Australia": "row", "Japan": "row"}
-    regions = sorted(p.name for p in prepared.iterdir() if p.is_dir())
+    regions = sorted(p.name for p in prepared.iterdir() if p.is_dir() and p.name != OUTPUT_MARKER)
     assert regions == ["eu", "row", "uk"]
     for region in regions:
         users = pd.read_parquet(prepared / region / "interactions.parquet")["user_id"].unique()
@@ -130,15 +135,14 @@ def write_bad(tmp_path, retail_slice, edit):
 def test_bad_input_names_file_row_and_column(tmp_path, retail_slice, edit, row, column, words):
     bad = write_bad(tmp_path, retail_slice, edit)
     out = tmp_path / "out"
-    out.mkdir()
+    (out / OUTPUT_MARKER).mkdir(parents=True)                 # an earlier fedrec output
     (out / "summary.json").write_text("earlier output")
     with pytest.raises(DataError) as info:
         prepare(bad, out)
     error = info.value
     assert error.file == str(bad) and error.column == column and error.row == row
     assert words in str(error)
-    assert [(p.name, p.read_text()) for p in out.iterdir()] == [("summary.json", "earlier output")], \
-        "earlier output is untouched"
+    assert folder_bytes(out) == {"summary.json": b"earlier output"}, "earlier output is untouched"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [], "no temporary left"
 
 
@@ -250,6 +254,135 @@ def test_prepare_refuses_to_replace_an_output_holding_a_privacy_ledger_or_other_
     with pytest.raises(DataError, match="did not write") as info:
         prepare(retail_slice, out)
     assert info.value.file == str(out / "notes.txt") and (out / "notes.txt").read_text() == "mine"
+
+
+def write_generic(folder: Path, regions: list[str] | None = None, timestamps: list[str] | None = None) -> Path:
+    """A generic interactions file of three rows, two users (and its catalog beside it), with these
+    regions (None: no region column) and timestamps."""
+    frame = pd.DataFrame({"user_id": ["a", "a", "b"], "item_id": ["i1", "i2", "i1"],
+                          "timestamp": timestamps or ["2024-01-01T10:00:00", "2024-02-01T10:00:00", "2024-01-03T09:00:00"]})
+    if regions is not None:
+        frame["region"] = regions
+    frame.to_csv(folder / "i.csv", index=False)
+    pd.DataFrame({"item_id": ["i1", "i2"], "title": ["Mug", "Lamp"]}).to_csv(folder / "c.csv", index=False)
+    return folder / "i.csv"
+
+
+UNSAFE_REGIONS = ["../escaped", "/abs/escaped", ".", "..", "a/b", "catalog.parquet", "summary.json", "x" * 33, "é"]
+
+
+@pytest.mark.parametrize("name", UNSAFE_REGIONS)
+@pytest.mark.parametrize("given_as", ["column", "--region", "region map"])
+def test_region_names_that_could_be_paths_are_refused_where_they_enter(tmp_path, retail_slice, name, given_as):
+    """A region's name becomes its silo's folder: `../escaped` once wrote a silo outside OUT, and
+    `.`, `catalog.parquet` or `summary.json` crashed with a traceback."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    out = tmp_path / "work" / "out"
+    with pytest.raises(DataError, match="not a region name") as info:
+        if given_as == "column":
+            prepare(write_generic(inputs, ["eu", name, "eu"]), out, catalog=inputs / "c.csv")
+        elif given_as == "--region":
+            prepare(write_generic(inputs), out, catalog=inputs / "c.csv", default_region=name)
+        else:
+            (inputs / "map.json").write_text(json.dumps({"default": "row", "countries": {"France": name}}))
+            prepare(retail_slice, out, regions=RegionMap.from_file(inputs / "map.json"))
+    where = {"column": (str(inputs / "i.csv"), 2, "region"), "--region": (None, None, None),
+             "region map": (str(inputs / "map.json"), None, "countries.France")}[given_as]
+    assert (info.value.file, info.value.row, info.value.column) == where
+    assert "a-z, 0-9" in str(info.value), "the message says which names are allowed"
+    assert [p.name for p in tmp_path.iterdir()] == ["in"] and not Path("/abs").exists(), "nothing written"
+
+
+def test_region_names_are_one_region_whatever_their_case(tmp_path):
+    result = prepare(write_generic(tmp_path, ["EU", "eu", " Eu "]), tmp_path / "out", catalog=tmp_path / "c.csv")
+    assert list(result.summary["regions"]) == ["eu"]
+    assert sorted(load_dataset(tmp_path / "out", ["EU"])) == ["eu"]
+    (tmp_path / "map.json").write_text(json.dumps({"default": "ROW", "countries": {"France": "EU"}}))
+    mapping = RegionMap.from_file(tmp_path / "map.json")
+    assert (mapping("France"), mapping("Peru")) == ("eu", "row")
+
+
+@pytest.mark.parametrize("document, column", [
+    ([1, 2], None), ("eu", None), ({"default": "row"}, "countries"), ({"countries": {}}, "default"),
+    ({"default": 5, "countries": {}}, "default"), ({"default": "row", "countries": {"France": None}}, "countries.France"),
+])
+def test_region_maps_of_the_wrong_shape_are_refused_naming_the_key(tmp_path, document, column):
+    (tmp_path / "map.json").write_text(json.dumps(document))
+    with pytest.raises(DataError) as info:
+        RegionMap.from_file(tmp_path / "map.json")
+    assert (info.value.file, info.value.column) == (str(tmp_path / "map.json"), column)
+
+
+@pytest.mark.parametrize("timestamp", ["-99999999999", "99999999999", "9999-12-31T00:00:00"])
+def test_timestamps_beyond_what_a_silo_holds_are_refused_with_their_row(tmp_path, timestamp):
+    """Unix −99999999999 (year −1199) once ended in an OutOfBoundsDatetime traceback."""
+    numeric = timestamp.lstrip("-").isdigit()
+    good = ["1700000000", "1700000100"] if numeric else ["2024-01-01T10:00:00", "2024-02-01T10:00:00"]
+    source = write_generic(tmp_path, ["eu"] * 3, [good[0], timestamp, good[1]])
+    with pytest.raises(DataError, match="a timestamp outside 1677-09-21 to 2262-04-11") as info:
+        prepare(source, tmp_path / "out", catalog=tmp_path / "c.csv")
+    assert (info.value.row, info.value.column) == (2, "timestamp")
+
+
+def test_a_cut_gzip_file_is_a_located_error(tmp_path, retail_slice):
+    """A truncated .csv.gz once ended the CLI with nothing but "Aborted." (an EOFError)."""
+    whole = gzip.compress(retail_slice.read_bytes())
+    (tmp_path / "cut.csv.gz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError, match="cannot parse") as info:
+        prepare(tmp_path / "cut.csv.gz", tmp_path / "out")
+    assert info.value.file == str(tmp_path / "cut.csv.gz")
+
+
+def test_output_folders_fedrec_did_not_write_are_never_replaced(tmp_path, retail_slice):
+    """Every --out that `atomic_dir` replaces (prepare's, export's bundle) may only be empty or
+    fedrec's own: it carries the OUTPUT_MARKER folder, which a bundle's file check ignores."""
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "summary.json").write_text("someone's")       # a name prepare writes, but not prepare's file
+    with pytest.raises(FedrecError, match="is not a folder fedrec wrote") as info:
+        prepare(retail_slice, foreign)
+    assert str(foreign) in str(info.value) and "Pass a new or empty output folder" in str(info.value)
+    with pytest.raises(FedrecError, match="is not a folder fedrec wrote"):
+        with atomic_dir(foreign) as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert folder_bytes(tmp_path) == {"foreign/summary.json": b"someone's"}, "nothing written or removed"
+
+    (tmp_path / "a-file").write_text("mine")
+    with pytest.raises(FedrecError, match="exists and is not a folder"):
+        with atomic_dir(tmp_path / "a-file"):
+            pass
+    (tmp_path / "empty").mkdir()
+    for _ in range(2):                                        # an empty folder, then fedrec's own
+        with atomic_dir(tmp_path / "empty") as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert folder_bytes(tmp_path / "empty") == {"new.txt": b"new"} and (tmp_path / "empty" / OUTPUT_MARKER).is_dir()
+
+
+def test_replacing_an_output_never_leaves_its_path_missing(tmp_path):
+    """Two renames (old away, new in) left an instant with no folder at all; renameat2's
+    RENAME_EXCHANGE swaps them in one step."""
+    out, missing, done = tmp_path / "out", [], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            if not os.path.isdir(out):
+                missing.append(1)
+
+    with atomic_dir(out) as tmp:
+        (tmp / "n").write_text("0")
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for n in range(1, 1001):            # before: missing in hundreds of these, in every run
+            with atomic_dir(out) as tmp:
+                (tmp / "n").write_text(str(n))
+    finally:
+        done.set()
+        watcher.join()
+    assert not missing, f"the folder was missing {len(missing)} times"
+    assert (out / "n").read_text() == "1000"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "no temporary or old folder left"
 
 
 def folder_bytes(root: Path) -> dict[str, bytes]:

@@ -17,13 +17,16 @@ app = typer.Typer(help="Federated, differentially private search and recommendat
 data_app = typer.Typer(help="Turn raw transactions into regional silos.", no_args_is_help=True)
 model_app = typer.Typer(help="Encoders for the teacher.", no_args_is_help=True)
 privacy_app = typer.Typer(help="Plan a region's privacy budget, see what it has spent, repair its ledger.", no_args_is_help=True)
+config_app = typer.Typer(help="The settings --config and --set change.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(model_app, name="model")
 app.add_typer(privacy_app, name="privacy")
+app.add_typer(config_app, name="config")
 
 DEFAULT_SOURCE = Path(__file__).resolve().parents[2] / "shared" / "data" / "online-retail" / "online_retail.csv.gz"
 ConfigOption = typer.Option(None, "--config", help="TOML file with \\[model], \\[train], \\[federation] and \\[distill] tables.")
-SetOption = typer.Option([], "--set", help="Override one setting, e.g. --set train.lr=0.0005 (repeatable).")
+SetOption = typer.Option([], "--set", help="Override one setting, e.g. --set train.lr=0.0005 (repeatable; "
+                                            "`fedrec config show` lists them all).")
 
 
 def _interrupt(signum, frame):
@@ -60,8 +63,30 @@ def _config(config: Optional[Path], overrides: List[str], encoder: Optional[str]
     return loaded
 
 
-def _regions(spec: str) -> list[str] | None:
-    return None if spec in ("", "all") else [r.strip() for r in spec.split(",") if r.strip()]
+def _region(value: str, option: str) -> str:
+    """A region name given on the command line, normalised (`EU` is `eu`); an error names the option."""
+    from fedrec.data.regions import region_name
+    from fedrec.errors import DataError
+
+    try:
+        return region_name(value)
+    except DataError as exc:
+        raise FedrecError(f"{option}: {exc}") from None
+
+
+def _regions(spec: str, data: Path) -> list[str]:
+    """The regions `--regions` names ('all' or a comma list), checked against DATA's silos up front."""
+    from fedrec.data.silo import dataset_regions
+
+    names = [] if spec.strip().lower() in ("", "all") else \
+        [_region(name, "--regions") for name in spec.split(",") if name.strip()]
+    return dataset_regions(data, names)
+
+
+@config_app.command("show")
+def config_show(config: Optional[Path] = ConfigOption, set_: List[str] = SetOption) -> None:
+    """Every setting with its value (the default unless --config or --set change it), meaning and range."""
+    typer.echo(_config(config, set_).describe())
 
 
 @data_app.command("prepare")
@@ -77,7 +102,8 @@ def data_prepare(
     from fedrec.data.regions import RegionMap
 
     regions = RegionMap.from_file(region_map) if region_map else RegionMap.standard()
-    result = prepare(source, out, catalog=catalog, regions=regions, default_region=region)
+    default_region = _region(region, "--region") if region is not None else None
+    result = prepare(source, out, catalog=catalog, regions=regions, default_region=default_region)
     typer.echo(format_summary(result.summary))
     typer.echo(f"wrote {result.out}")
 
@@ -138,16 +164,12 @@ def train(
 ) -> None:
     """Train the teacher: without privacy on pooled regions (upper bound) or one region (lower
     bound), or with --dp on one region's data, as that region would on its own."""
-    from fedrec.data.silo import load_dataset
-    from fedrec.model.teacher import Teacher, pick_device
-    from fedrec.training.trainer import fit
-
     cfg = _config(config, set_, encoder)
+    names = _regions(regions, data)            # before the slow imports: a mistake fails at once
     if dp:
         from fedrec.federation.region import RegionSettings, default_state_dir, train_alone
 
-        names = _regions(regions)
-        if names is None or len(names) != 1:
+        if len(names) != 1:
             raise FedrecError("--dp trains one region's data against that region's ledger",
                               hint="Pass --regions NAME (e.g. --regions eu).")
         budget = _budget(False, epsilon, delta, max_grad_norm, noise_multiplier, accountant)
@@ -155,9 +177,15 @@ def train(
         typer.echo(f"region {names[0]} alone under DP (lifetime ε={epsilon:g}, δ={delta:g}; ledger in {settings.state_dir})")
         typer.echo(f"saved {train_alone(settings, cfg, out, typer.echo)}")
         return
-    silos = load_dataset(data, _regions(regions))
-    typer.echo("encoding the catalog's item texts with the frozen encoder")
-    teacher = Teacher(cfg.model, next(iter(silos.values())).catalog).to(pick_device())
+    typer.echo(f"loading the silos of {', '.join(names)}")
+    from fedrec.data.silo import load_dataset
+    from fedrec.model.teacher import Teacher, pick_device
+    from fedrec.training.trainer import fit
+
+    silos = load_dataset(data, names)
+    catalog = next(iter(silos.values())).catalog
+    typer.echo(f"encoding the catalog's {len(catalog):,} item texts with the frozen encoder")
+    teacher = Teacher(cfg.model, catalog).to(pick_device())
     result = fit(teacher, silos, cfg, out, log=typer.echo)
     typer.echo(f"best epoch {result.best_epoch}: val NDCG@10 {result.best_val_ndcg:.4f}; saved {out}")
 
@@ -175,13 +203,15 @@ def evaluate(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON."),
 ) -> None:
     """Rank the full catalog for every test user and compare models per region."""
+    if split not in ("test", "val"):
+        raise FedrecError(f"--split must be 'test' or 'val', got {split!r}")
+    names = _regions(regions, data)
+    typer.echo(f"loading the silos of {', '.join(names)}")
     from fedrec.atomic import write_json
     from fedrec.data.silo import load_dataset
     from fedrec.evaluation.evaluate import build_rankers, evaluate as run, format_report
 
-    if split not in ("test", "val"):
-        raise FedrecError(f"--split must be 'test' or 'val', got {split!r}")
-    silos = load_dataset(data, _regions(regions))
+    silos = load_dataset(data, names)
     rankers = build_rankers(silos, checkpoint, peers=peers, zero_shot=zero_shot, encoder=encoder, log=typer.echo)
     report = run(rankers, silos, split)
     typer.echo(format_report(report))
@@ -273,15 +303,16 @@ def client(
     noise_multiplier: float = NoiseMultiplier, accountant: str = Accountant,
 ) -> None:
     """Join a federation as one region (a Flower SuperNode). The privacy budget is set here."""
+    if not insecure and root_cert is None:
+        raise FedrecError("TLS is on by default and needs --root-cert CA.crt",
+                          hint="Pass the coordinator's CA certificate, or --insecure on a trusted network.")
+    region = _region(region, "--region")
     from fedrec.data.silo import load_silo
     from fedrec.federation.deployment import start_supernode
     from fedrec.federation.launch import RegionNode
     from fedrec.federation.region import default_state_dir
     from fedrec.training.objective import can_train
 
-    if not insecure and root_cert is None:
-        raise FedrecError("TLS is on by default and needs --root-cert CA.crt",
-                          hint="Pass the coordinator's CA certificate, or --insecure on a trusted network.")
     budget = _budget(no_dp, epsilon, delta, max_grad_norm, noise_multiplier, accountant)
     users = sum(can_train(u) for u in load_silo(data).users)
     budget.validate(users)             # refuse δ ≥ 1/users before joining anything
@@ -319,13 +350,12 @@ def simulate(
 ) -> None:
     """Run the whole federation on this machine: a SuperLink and one SuperNode per region, as
     separate processes on loopback, then tear everything down."""
-    from fedrec.data.silo import dataset_regions
-    from fedrec.federation.launch import simulate as run
-
     cfg = _config(config, set_, encoder)
     if rounds is not None:
         cfg.federation.rounds = rounds
-    names = _regions(regions) or dataset_regions(data)
+    names = _regions(regions, data)            # before the slow imports and any process
+    from fedrec.federation.launch import simulate as run
+
     budget = _budget(no_dp, epsilon, delta, max_grad_norm, noise_multiplier, accountant)
     history = run(data, names, run_dir, cfg, {r: budget for r in names}, tls=not insecure, resume=resume,
                   echo=typer.echo, state_root=state_root)
@@ -493,7 +523,13 @@ def recommend(bundle: Path = typer.Argument(..., help="Bundle folder or .tar.gz.
     baskets = [[i.strip() for i in basket.split(",") if i.strip()] for basket in history.split(";")]
     ids = [i for basket in baskets for i in basket]
     ages = [age for age, basket in enumerate(baskets) for _ in basket]
-    _, unknown = model.known(ids)
+    if not ids:
+        raise FedrecError("--history names no item id")
+    known, unknown = model.known(ids)
+    if not known:
+        more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+        raise FedrecError(f"no --history id is in the bundle's catalog: {', '.join(unknown[:10])}{more}",
+                          hint="Pass item ids of the catalog the bundle was exported with.")
     if unknown:
         typer.echo(f"ignored unknown item ids: {', '.join(unknown)}", err=True)
     _print_results(model.recommend(ids, k, ages=ages))

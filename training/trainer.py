@@ -87,13 +87,16 @@ def fit(teacher: Teacher, silos: dict[str, Silo], config: FedrecConfig, out_dir:
     optimizer = make_optimizer(objective, cfg)
     steps = cfg.epochs * math.ceil(sum(len(prediction_points(u)) for u in users if can_train(u)) / cfg.batch_size)
     schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(0.05 * steps), steps)
+    log(f"training on {len(users):,} users: up to {cfg.epochs} epoch(s) of {steps // cfg.epochs:,} steps, "
+        "each followed by validation")
     result, stopper = FitResult(0, -1.0), EarlyStopping(cfg.patience)
     for epoch in range(1, cfg.epochs + 1):
         started = time.perf_counter()
         (loss,) = train_epochs(objective, optimizer, users, cfg, 1, rng, f"epoch {epoch}/{cfg.epochs}",
                                schedule=schedule)
         seconds = time.perf_counter() - started
-        val = evaluate_ranker(TeacherRanker(teacher, cfg.eval_batch_size), silos, "val")
+        val = evaluate_ranker(TeacherRanker(teacher, cfg.eval_batch_size), silos, "val",
+                              desc=f"epoch {epoch}/{cfg.epochs} validation")
         ndcg = val["overall"]["ndcg@10"]
         result.history.append({"epoch": epoch, "loss": loss, "epoch_seconds": seconds, "val": val})
         log(f"epoch {epoch}: loss {loss:.4f}, val NDCG@10 {ndcg:.4f} ({seconds:.0f}s)")
