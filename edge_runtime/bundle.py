@@ -17,6 +17,7 @@ import json
 import shutil
 import tarfile
 import tempfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -209,9 +210,54 @@ def verify_bundle(folder: str | Path) -> BundleManifest:
     return manifest
 
 
+MAX_MEMBERS = 256                   # a bundle has about ten files
+MAX_MANIFEST_BYTES = 1 << 20
+
+
+def archive_members(archive: tarfile.TarFile, path: Path) -> list[tarfile.TarInfo]:
+    """The archive's members, checked from their headers before anything is written: safe names,
+    regular files and folders only, and every file one that its manifest lists, at the size it
+    lists, so that unpacking writes no more than the manifest declares."""
+    members = []
+    for member in archive:                          # headers only: member data is skipped, not kept
+        if len(members) == MAX_MEMBERS:
+            raise BundleError(f"{path}: more than {MAX_MEMBERS} archive members; not a fedrec bundle")
+        if not safe_name(member.name.removeprefix("./")):
+            raise BundleError(f"{path}: archive member {member.name!r} escapes the bundle folder")
+        if not (member.isfile() or member.isdir()):
+            raise BundleError(f"{path}: archive member {member.name!r} is a link or device; refused")
+        members.append(member)
+    names = [PurePosixPath(m.name.removeprefix("./")) for m in members]
+    manifests = [(name.parent, member) for name, member in zip(names, members)
+                 if name.name == MANIFEST and len(name.parts) <= 2 and member.isfile()]
+    if len(manifests) != 1:
+        raise BundleError(f"{path}: no single {MANIFEST} in the archive; not a fedrec bundle")
+    root, manifest = manifests[0]
+    if manifest.size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{path}: its {MANIFEST} has {manifest.size} bytes, over {MAX_MANIFEST_BYTES}; refused")
+    try:
+        listed = json.loads(archive.extractfile(manifest).read())["files"]
+        sizes = {name: facts.get("bytes") for name, facts in listed.items()}
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise BundleError(f"{path}: its {MANIFEST} lists no files with their sizes; not a fedrec bundle") from None
+    sizes |= {MANIFEST: manifest.size, DIGEST: len(digest_line(b""))}
+    for name, member in zip(names, members):          # each one: a name twice is written twice
+        inside = name.relative_to(root).as_posix() if name.is_relative_to(root) else None
+        if member.isdir():                          # no bytes; the export's marker is a folder
+            continue
+        if inside not in sizes:
+            raise BundleError(f"{path}: archive member {member.name!r} is not in the bundle's manifest")
+        if member.size != sizes[inside]:
+            raise BundleError(f"{path}: archive member {member.name!r} has {member.size} bytes, "
+                              f"the manifest says {sizes[inside]}")
+    return members
+
+
 def open_bundle(path: str | Path, workdir: str | Path | None = None) -> tuple[Path, BundleManifest]:
-    """A bundle folder, or a .tar.gz unpacked safely into `workdir` (a new temporary folder by
-    default), verified either way; returns the folder and its manifest."""
+    """A bundle folder, or a .tar.gz unpacked safely into `workdir` (by default a new temporary
+    folder, the caller's to remove: EdgeModel passes its own, removed once loaded), verified
+    either way; returns the folder and its manifest. Nothing the manifest does not list is
+    written (`archive_members`), and a refused archive leaves no temporary folder."""
     path = Path(path)
     if path.is_dir():
         return path, verify_bundle(path)
@@ -219,22 +265,15 @@ def open_bundle(path: str | Path, workdir: str | Path | None = None) -> tuple[Pa
         raise BundleError(f"{path}: no such bundle")
     target = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fedrec-bundle-"))
     try:
-        with tarfile.open(path, "r:gz") as archive:
-            members = archive.getmembers()
-            for member in members:
-                if not safe_name(member.name.removeprefix("./")):
-                    raise BundleError(f"{path}: archive member {member.name!r} escapes the bundle folder")
-                if not (member.isfile() or member.isdir()):
-                    raise BundleError(f"{path}: archive member {member.name!r} is a link or device; refused")
-            archive.extractall(target, members=members, filter="data")
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        if workdir is None:
-            shutil.rmtree(target, ignore_errors=True)
-        raise BundleError(f"{path}: not a readable .tar.gz bundle ({exc})") from exc
-    except BundleError:
+        try:
+            with tarfile.open(path, "r:gz") as archive:
+                archive.extractall(target, members=archive_members(archive, path), filter="data")
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+            raise BundleError(f"{path}: not a readable .tar.gz bundle ({exc})") from exc
+        roots = list(target.iterdir())
+        folder = roots[0] if len(roots) == 1 and roots[0].is_dir() else target
+        return folder, verify_bundle(folder)
+    except BaseException:
         if workdir is None:
             shutil.rmtree(target, ignore_errors=True)
         raise
-    roots = [p for p in target.iterdir()]
-    folder = roots[0] if len(roots) == 1 and roots[0].is_dir() else target
-    return folder, verify_bundle(folder)

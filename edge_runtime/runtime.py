@@ -9,6 +9,7 @@ matrix, ranked by an index from `edge_runtime.index` (exact by default).
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -17,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from fedrec.edge_runtime.bundle import BundleError, ModelFacts, open_bundle
+from fedrec.edge_runtime.bundle import BundleError, BundleManifest, ModelFacts, open_bundle
 from fedrec.edge_runtime.index import Index, ItemIndex, QuantizedIndex
 
 INT8_INDEX_FROM = 50_000     # below this an exact scan is as fast as the int8 one (BENCHMARKS.md)
@@ -35,18 +36,30 @@ class Result:
 
 
 class EdgeModel:
+    """A bundle loaded for serving. Safe to call from many threads at once, as `fedrec serve`
+    does: ONNX Runtime sessions are thread-safe to run, the tokenizer is configured once, here (a
+    per-call change, as transformers makes, is what raises "Already borrowed" across threads),
+    the catalog and the index are only read, and every call builds its own arrays."""
+
     def __init__(self, bundle: str | Path, precision: str = "int8", device: str = "cpu", threads: int = 1,
                  index: str = "auto"):
         """`precision`: fp32, int8, or fp16 (query encoder only, when exported for GPUs; the user
         tower then runs in fp32). `device`: cpu, or cuda / tensorrt through ONNX Runtime's GPU
         providers. `index`: "exact", "int8" (needs a bundle exported with --int8-index), or "auto":
-        the int8 index when the bundle has one and the catalog has at least INT8_INDEX_FROM items."""
-        self.folder, manifest = open_bundle(bundle)
+        the int8 index when the bundle has one and the catalog has at least INT8_INDEX_FROM items.
+        A .tar.gz bundle is unpacked into a temporary folder, gone once the model is loaded:
+        everything is read into memory here."""
+        self.source = Path(bundle)
+        with tempfile.TemporaryDirectory(prefix="fedrec-bundle-") as unpacked:
+            self.load(*open_bundle(bundle, unpacked), precision, device, threads, index)
+
+    def load(self, folder: Path, manifest: BundleManifest, precision: str, device: str, threads: int,
+             index: str) -> None:
         self.manifest = manifest.document
         model = manifest.model            # every file it names is one the bundle lists and verified
         graphs = model.onnx
         if precision not in graphs["query_encoder"]:
-            raise BundleError(f"{self.folder}: no {precision} model in this bundle (has "
+            raise BundleError(f"{self.source}: no {precision} model in this bundle (has "
                               f"{', '.join(graphs['query_encoder'])}); `fedrec export --{precision}` writes one")
         if device not in PROVIDERS:
             raise BundleError(f"unknown device {device!r}; choose cpu, cuda or tensorrt")
@@ -59,31 +72,31 @@ class EdgeModel:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         tower_file = graphs["user_tower"].get(precision, graphs["user_tower"]["fp32"])
-        self.user_tower = ort.InferenceSession(str(self.folder / tower_file), options, providers=["CPUExecutionProvider"])
-        self.session = ort.InferenceSession(str(self.folder / graphs["query_encoder"][precision]), options,
+        self.user_tower = ort.InferenceSession(str(folder / tower_file), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(folder / graphs["query_encoder"][precision]), options,
                                             providers=wanted)
-        self.tokenizer = Tokenizer.from_file(str(self.folder / model.tokenizer))
+        self.tokenizer = Tokenizer.from_file(str(folder / model.tokenizer))
         self.max_query_tokens = model.max_query_tokens
         self.tokenizer.enable_truncation(max_length=self.max_query_tokens)
         self.pad_id = (self.tokenizer.padding or {}).get("pad_id", 0)
         self.tokenizer.no_padding()                     # `inputs` pads
         self.history_items = model.history_items
-        catalog = json.loads((self.folder / model.items).read_text())
+        catalog = json.loads((folder / model.items).read_text())
         self.item_ids: list[str] = catalog["item_ids"]
         self.titles: list[str] = catalog["titles"]
         self.position = {item: i for i, item in enumerate(self.item_ids)}
-        self.index = self.load_index(model, index)
+        self.index = self.load_index(folder, model, index)
 
-    def load_index(self, model: ModelFacts, kind: str) -> ItemIndex:
+    def load_index(self, folder: Path, model: ModelFacts, kind: str) -> ItemIndex:
         if kind not in ("auto", "exact", "int8"):
             raise BundleError(f"unknown index {kind!r}; choose auto, exact or int8")
-        vectors = np.load(self.folder / model.item_matrix)
+        vectors = np.load(folder / model.item_matrix)
         if kind == "int8" and model.item_index is None:
-            raise BundleError(f"{self.folder}: no int8 item index in this bundle; export it with "
+            raise BundleError(f"{self.source}: no int8 item index in this bundle; export it with "
                               "`fedrec export --int8-index`, or use index='exact'")
         if kind == "int8" or (kind == "auto" and model.item_index and len(vectors) >= INT8_INDEX_FROM):
-            return QuantizedIndex((self.folder / model.item_index).read_bytes(), vectors)
-        return Index(vectors)
+            return QuantizedIndex((folder / model.item_index).read_bytes(), vectors)
+        return Index(np.asfortranarray(vectors))    # its transpose contiguous: BLAS scores a few rows 2× faster
 
     # -- encoding --------------------------------------------------------------------------
     def inputs(self, sequences: Sequence[Sequence[int]], length: int | None = None) -> dict[str, np.ndarray]:

@@ -81,10 +81,46 @@ def export_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], name
                           dynamic_axes=dynamic, opset_version=17, dynamo=False)
 
 
-def quantize_int8(source: Path, target: Path) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def quantize_int8(source: Path, target: Path, block: int = 32) -> None:
+    """Weight-only int8: every MatMul weight in symmetric 8-bit blocks of `block` rows (ONNX
+    Runtime's MatMulNBits, computed in int8 with each row's activations scaled on their own).
+    Dynamic quantization scaled activations over the whole batch, so a query scored differently
+    alone and among others; here a row's result does not depend on the batch. ONNX Runtime's
+    MatMulNBitsQuantizer writes the same nodes, but needs the onnx_ir package."""
+    import onnx
+    from onnx import helper, numpy_helper
+    from onnxruntime.capi._pybind_state import quantize_matmul_8bits
 
-    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+    model = onnx.load(str(source))
+    weights = {w.name: w for w in model.graph.initializer}
+    nodes, quantized = [], {}
+    for node in model.graph.node:
+        weight = weights.get(node.input[1]) if node.op_type == "MatMul" else None
+        if weight is None or len(weight.dims) != 2:
+            nodes.append(node)
+            continue
+        if weight.name not in quantized:
+            values = numpy_helper.to_array(weight).astype(np.float32)
+            rows, cols = values.shape
+            blocks = -(-rows // block)
+            packed = np.zeros((cols, blocks, block), np.uint8)
+            scales = np.zeros((cols, blocks), np.float32)
+            quantize_matmul_8bits(packed, np.pad(values, ((0, blocks * block - rows), (0, 0))), scales,
+                                  np.zeros((cols, blocks), np.uint8), block, cols, rows, True)
+            quantized[weight.name] = (rows, cols, numpy_helper.from_array(packed, f"{weight.name}.int8"),
+                                      numpy_helper.from_array(scales, f"{weight.name}.scale"))
+        rows, cols, packed, scales = quantized[weight.name]
+        nodes.append(helper.make_node("MatMulNBits", [node.input[0], packed.name, scales.name], node.output,
+                                      name=node.name, domain="com.microsoft", K=rows, N=cols, bits=8,
+                                      block_size=block, accuracy_level=4))
+    used = {name for node in nodes for name in node.input}
+    kept = [w for w in model.graph.initializer if w.name in used]
+    kept += [tensor for *_, packed, scales in quantized.values() for tensor in (packed, scales)]
+    del model.graph.node[:], model.graph.initializer[:]
+    model.graph.node.extend(nodes)
+    model.graph.initializer.extend(kept)
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    onnx.save(model, str(target))
 
 
 def convert_fp16(source: Path, target: Path) -> None:

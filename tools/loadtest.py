@@ -1,17 +1,19 @@
 """Load a running `fedrec serve` from another process: a bounded number of concurrent requests,
 latency percentiles, and the server's resident memory sampled through the run (it should stay
-flat: a leak shows as growth from the first third of the run to the last)."""
+flat: a leak shows as growth from the first third of the run to the last). Clients open a
+connection per request, or keep one each (`keep_alive`), as a service in front of the server does."""
 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,17 +87,73 @@ def resident_mb(pid: int) -> float:
     return float("nan")
 
 
+class KeepAlive:
+    """One HTTP/1.1 connection kept across requests. Minimal on purpose (as wrk is): a status
+    line, Content-Length and `Connection: close` are all `fedrec serve` sends, and the clients
+    share the machine's cores with the server (http.client took 0.4 ms of CPU a request)."""
+
+    def __init__(self, host: str, port: int, timeout: float):
+        self.address, self.timeout = (host, port), timeout
+        self.connection: socket.socket | None = None
+        self.pending = b""
+
+    def post(self, path: str, data: bytes) -> tuple[int, bytes]:
+        if self.connection is None:
+            self.connection = socket.create_connection(self.address, self.timeout)
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.pending = b""
+        try:
+            self.connection.sendall(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                                    b"Content-Length: %d\r\n\r\n%s" % (path.encode(), self.address[0].encode(),
+                                                                      len(data), data))
+            while b"\r\n\r\n" not in self.pending:
+                self.receive()
+            head, _, self.pending = self.pending.partition(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            headers = dict(line.lower().split(":", 1) for line in lines[1:] if ":" in line)
+            length = int(headers["content-length"])
+            while len(self.pending) < length:
+                self.receive()
+            body, self.pending = self.pending[:length], self.pending[length:]
+            if headers.get("connection", "").strip() == "close":
+                self.close()
+            return int(lines[0].split()[1]), body
+        except (IndexError, KeyError, ValueError) as exc:
+            self.close()
+            raise ValueError(f"malformed reply: {exc!r}") from None
+        except OSError:
+            self.close()
+            raise
+
+    def receive(self) -> None:
+        chunk = self.connection.recv(1 << 16)
+        if not chunk:
+            raise ConnectionResetError("the server closed the connection")
+        self.pending += chunk
+
+    def close(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+
+
 def run_load(base_url: str, calls: list[Call], clients: int = 8, server_pid: int | None = None,
-             timeout: float = 30.0, sample_every: float = 0.2) -> LoadReport:
-    def one(call: Call) -> tuple[str, float]:
-        path, body = call
-        request = urllib.request.Request(base_url + path, data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
+             timeout: float = 30.0, sample_every: float = 0.2, keep_alive: bool = False) -> LoadReport:
+    address = urllib.parse.urlsplit(base_url)
+
+    def post(path: str, data: bytes, connection: KeepAlive | None) -> tuple[int, bytes]:
+        if connection is not None:
+            return connection.post(path, data)
+        request = urllib.request.Request(base_url + path, data=data, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+
+    def one(path: str, body: bytes, connection: KeepAlive | None) -> tuple[str, float]:
         started = time.perf_counter()
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                json.loads(response.read())
-                problem = "" if response.status == 200 else f"{path}: HTTP {response.status}"
+            status, data = post(path, body, connection)
+            json.loads(data)
+            problem = "" if status == 200 else f"{path}: HTTP {status}"
         except (OSError, ValueError) as exc:      # HTTPError, refused, reset, timeout, bad JSON
             problem = f"{path}: {exc}"
         return problem, time.perf_counter() - started
@@ -108,11 +166,25 @@ def run_load(base_url: str, calls: list[Call], clients: int = 8, server_pid: int
             samples.append(resident_mb(server_pid))
             done.wait(sample_every)
 
+    requests = [(path, json.dumps(body).encode()) for path, body in calls]
+    results: list = [None] * len(requests)
+    turns = iter(range(len(requests)))     # shared: each client takes the next request when it is free
+
+    def client():
+        connection = KeepAlive(address.hostname, address.port, timeout) if keep_alive else None
+        for i in turns:
+            results[i] = one(*requests[i], connection)
+        if connection is not None:
+            connection.close()
+
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     started = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(one, calls))
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     seconds = time.perf_counter() - started
     done.set()
     sampler.join()
