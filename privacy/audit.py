@@ -160,8 +160,9 @@ def _read_json(path: Path) -> object:
 
 
 def read_claims(path: Path) -> tuple[dict[str, PrivacyClaim], RunClaims | None]:
-    """The claims in a file, and the run's record when it is a run's privacy.json (checkpoints
-    carry claims under "privacy", bundle manifests under "privacy" → "regions"). Raises
+    """The claims in a file, and the record of the run they come from: the file itself when it is
+    a run's privacy.json, or the run a teacher checkpoint links ("federated_run"). Checkpoints
+    carry claims under "privacy", bundle manifests under "privacy" → "regions". Raises
     ClaimError naming the file when it is malformed."""
     data = _read_json(path)
     if path.name == RUN_CLAIMS_FILE:
@@ -174,7 +175,10 @@ def read_claims(path: Path) -> tuple[dict[str, PrivacyClaim], RunClaims | None]:
         if not isinstance(claims, dict):
             raise ClaimError(f"{path}: privacy must be an object")
         claims = claims.get("regions", {})
-    return parse_claims(claims, f"{path}: privacy"), None
+    link = data.get("federated_run")
+    run_claims = Path(link) / RUN_CLAIMS_FILE if isinstance(link, str) else None
+    record = read_claims(run_claims)[1] if run_claims is not None and run_claims.is_file() else None
+    return parse_claims(claims, f"{path}: privacy"), record
 
 
 def provenance_chain(path: Path) -> list[Path]:
@@ -268,10 +272,6 @@ def audit(paths: list[str | Path], bundle: str | Path | None = None,
     for file in files.values():
         try:
             claims, record = read_claims(file)
-            data = _read_json(file)
-            link = data.get("federated_run") if isinstance(data, dict) else None
-            if record is None and isinstance(link, str) and (Path(link) / RUN_CLAIMS_FILE).is_file():
-                record = read_claims(Path(link) / RUN_CLAIMS_FILE)[1]
         except ClaimError as exc:
             report.problems.append(str(exc))
             report.claims_checked.append({"source": str(file), "ok": False, "problem": str(exc)})
