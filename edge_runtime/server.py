@@ -11,23 +11,35 @@ an error is a 4xx/5xx `{"error": message}`, never a traceback, a dropped connect
 standard library's HTML page (for a malformed request line, headers too long, an unknown method).
 
 Resources are bounded: at most MAX_CONNECTIONS connections are served at once, one thread each
-(more wait in the listen backlog, BACKLOG deep), and a connection silent for IDLE_SECONDS, between
-requests or inside one, is closed. Inference takes no lock (EdgeModel is safe to call from many
-threads): recommendations and searches are batched (`Batcher`), side by side.
+(more wait in the listen backlog, BACKLOG deep); a connection silent for IDLE_SECONDS, between
+requests or inside one, is closed, and so is one whose request has not fully arrived REQUEST_SECONDS
+after the server began waiting for it (a client trickling a byte at a time). Inference takes no
+lock (EdgeModel is safe to call from many threads): recommendations and searches are batched
+(`Batcher`), side by side. `serve(..., workers=N)` runs N such servers in processes of their own on
+one listening socket: one Python process is held to about one core by its interpreter lock.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import logging
+import multiprocessing
 import queue
+import socket
 import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import Future
+from multiprocessing.connection import wait
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from threadpoolctl import threadpool_limits
 
 from fedrec.edge_runtime.runtime import EdgeModel
+
+log = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024
 MAX_K = 100
@@ -36,6 +48,7 @@ MAX_HISTORY = 200
 MAX_CONNECTIONS = 128
 BACKLOG = 1024
 IDLE_SECONDS = 5.0
+REQUEST_SECONDS = 10.0
 MAX_BATCH = 32
 
 
@@ -159,6 +172,25 @@ def handle(model: EdgeModel, batched: Batcher, path: str, body: dict) -> dict:
     raise RequestError(404, f"no endpoint {path}")
 
 
+class DeadlineReader(io.RawIOBase):
+    """A connection's bytes, each read waiting at most IDLE_SECONDS and none past `deadline`: the
+    per-read timeout alone let a client sending a byte every few seconds hold a thread for ever."""
+
+    def __init__(self, connection: socket.socket):
+        self.connection = connection
+        self.deadline = float("inf")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"the request did not arrive within {REQUEST_SECONDS:g} s")
+        self.connection.settimeout(min(IDLE_SECONDS, left))
+        return self.connection.recv_into(buffer)
+
+
 def make_handler(model: EdgeModel):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -169,8 +201,19 @@ def make_handler(model: EdgeModel):
         def log_message(self, *args):        # quiet by default; errors still reach the client
             pass
 
+        def setup(self):
+            super().setup()
+            self.rfile.close()
+            self.arriving = DeadlineReader(self.connection)
+            self.rfile = io.BufferedReader(self.arriving)
+
+        def handle_one_request(self):
+            self.arriving.deadline = time.monotonic() + REQUEST_SECONDS
+            super().handle_one_request()
+
         def reply(self, status: int, payload: dict) -> None:
             data = json.dumps(payload).encode()
+            self.connection.settimeout(IDLE_SECONDS)     # what is left of the request's deadline was for reading
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
@@ -217,7 +260,8 @@ def make_handler(model: EdgeModel):
                 data = self.rfile.read(int(length))
             except TimeoutError:
                 self.close_connection = True
-                raise RequestError(408, f"the body did not arrive within {IDLE_SECONDS:g} s") from None
+                raise RequestError(408, f"the body did not arrive in time (a read may wait {IDLE_SECONDS:g} s, "
+                                        f"a whole request {REQUEST_SECONDS:g} s)") from None
             if "json" not in (self.headers.get("Content-Type") or ""):
                 raise RequestError(415, "send Content-Type: application/json")
             return parse_body(data)
@@ -226,16 +270,17 @@ def make_handler(model: EdgeModel):
 
 
 class EdgeServer(ThreadingHTTPServer):
-    """The standard library's threading server with at most `connections` connection threads,
-    and the batcher its requests share. Requests run in parallel, so BLAS runs each product on
-    one thread: its own pool, shared by every request, made a recommendation ten times slower
-    under load."""
+    """The standard library's threading server on a listening socket, with at most `connections`
+    connection threads, and the batcher its requests share. Requests run in parallel, so BLAS runs
+    each product on one thread: its own pool, shared by every request, made a recommendation ten
+    times slower under load."""
 
     daemon_threads = True
-    request_queue_size = BACKLOG
 
-    def __init__(self, address: tuple[str, int], model: EdgeModel, connections: int = MAX_CONNECTIONS):
-        super().__init__(address, make_handler(model))
+    def __init__(self, listening: socket.socket, model: EdgeModel, connections: int = MAX_CONNECTIONS):
+        super().__init__(listening.getsockname()[:2], make_handler(model), bind_and_activate=False)
+        self.socket.close()
+        self.socket, self.server_address = listening, listening.getsockname()[:2]
         self.free = threading.BoundedSemaphore(connections)
         self.batched = Batcher([model.recommend_batch, model.search_batch])
         self.blas = threadpool_limits(1, user_api="blas")
@@ -260,6 +305,92 @@ class EdgeServer(ThreadingHTTPServer):
         self.blas.restore_original_limits()
 
 
+def listen(host: str, port: int) -> socket.socket:
+    return socket.create_server((host, port), backlog=BACKLOG)
+
+
 def make_server(model: EdgeModel, host: str = "127.0.0.1", port: int = 8080,
                 connections: int = MAX_CONNECTIONS) -> EdgeServer:
-    return EdgeServer((host, port), model, connections)
+    return EdgeServer(listen(host, port), model, connections)
+
+
+def warmed(model: EdgeModel) -> EdgeModel:
+    """`model` once each kind of request has run: ONNX Runtime sets up a session's threads and
+    buffers on its first run, which the first user would otherwise wait for."""
+    model.recommend_batch([model.item_ids[:1]], 1)
+    model.search_batch(["warm up"], 1)
+    return model
+
+
+def serve(load_model: Callable[[], EdgeModel], host: str = "127.0.0.1", port: int = 8080, workers: int = 1,
+          on_ready: Callable[[tuple[str, int]], None] = lambda address: None) -> None:
+    """Serve until interrupted. `load_model` (picklable, such as `partial(EdgeModel, bundle)`)
+    gives each worker its model; with several, each is a process of its own and all accept from
+    one listening socket. A worker that dies is replaced; one that fails to start stops them all
+    with its error. Workers stop when this process does, however it ends."""
+    listening = listen(host, port)
+    if workers == 1:
+        server = EdgeServer(listening, warmed(load_model()))
+        on_ready(server.server_address)
+        try:
+            server.serve_forever()
+        finally:
+            server.server_close()
+        return
+    listening.setblocking(False)        # the workers that lose the race for a connection go back to waiting
+    running = [start_worker(listening, load_model) for _ in range(workers)]
+    try:
+        on_ready(listening.getsockname()[:2])
+        while True:
+            wait([worker.sentinel for worker in running])
+            for i, worker in enumerate(running):
+                if not worker.is_alive():
+                    log.warning("serving worker %d exited with code %s; starting another", worker.pid, worker.exitcode)
+                    running[i] = start_worker(listening, load_model)
+    finally:
+        for worker in running:
+            worker.terminate()
+        for worker in running:
+            worker.join(10)
+        listening.close()
+
+
+def start_worker(listening: socket.socket, load_model: Callable[[], EdgeModel]) -> multiprocessing.Process:
+    """A worker process, once its model has loaded (or its error, raised here)."""
+    context = multiprocessing.get_context("spawn")       # no fork of a process with threads running
+    started, reported = context.Pipe(duplex=False)
+    worker = context.Process(target=run_worker, args=(listening, load_model, reported), name="fedrec-serve",
+                             daemon=True)
+    worker.start()
+    reported.close()
+    try:
+        problem = started.recv()
+    except EOFError:
+        worker.join(10)
+        problem = RuntimeError(f"serving worker {worker.pid} exited with code {worker.exitcode} while loading the model")
+    if problem is not None:
+        worker.join(10)
+        raise problem
+    return worker
+
+
+def run_worker(listening: socket.socket, load_model: Callable[[], EdgeModel], started) -> None:
+    try:
+        server = EdgeServer(listening, warmed(load_model()))
+    except Exception as exc:
+        started.send(exc)
+        return
+    started.send(None)
+    parent = multiprocessing.parent_process()
+
+    def stop_when_the_parent_does():
+        wait([parent.sentinel])
+        server.shutdown()
+
+    threading.Thread(target=stop_when_the_parent_does, daemon=True).start()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:           # Ctrl-C reaches every process in the terminal's group
+        pass
+    finally:
+        server.server_close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import os
 import re
 import shutil
 import socket
@@ -70,6 +71,17 @@ def bundle(student_dir, catalog, tmp_path_factory):
 def queries(catalog, n=60):
     rng = np.random.default_rng(7)
     return [title_fragment(catalog.titles[i], rng) for i in rng.choice(len(catalog), n, replace=False)]
+
+
+def test_export_says_nothing_a_user_must_not_act_on(student_dir, catalog, tmp_path, capfd):
+    """`fedrec export` printed torch's tracer warnings about Python-side shapes, ONNX's too."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        export_bundle(student_dir, catalog, tmp_path / "bundle")
+    printed = capfd.readouterr()
+    assert [str(w.message) for w in seen] == [] and "arn" not in printed.out + printed.err, printed
 
 
 def search_overlap(a: EdgeModel, b: EdgeModel, catalog) -> float:
@@ -389,12 +401,19 @@ def test_http_api_validates_input(bundle):
 
 @pytest.fixture(scope="module")
 def served(bundle):
-    """`fedrec serve BUNDLE` in its own process: ((host, port), pid)."""
+    """`fedrec serve BUNDLE --workers 2` in processes of its own: ((host, port), pid)."""
     from fedrec.tools.loadtest import serving
 
-    with serving(bundle) as (base, pid):
+    with serving(bundle, workers=2) as (base, pid):
         address = urllib.parse.urlsplit(base)
         yield (address.hostname, address.port), pid
+
+
+def server_threads(pid: int) -> int:
+    from fedrec.tools.loadtest import process_tree
+
+    return sum(int(re.search(r"Threads:\s+(\d+)", open(f"/proc/{process}/status").read())[1])
+               for process in process_tree(pid))
 
 
 def raw_exchange(address, request: bytes) -> tuple[int, str, dict]:
@@ -430,25 +449,69 @@ def test_every_error_is_json_never_a_dropped_connection_or_an_html_page(served, 
     assert (got, content_type) == (status, "application/json") and body["error"], body
 
 
-def test_idle_and_half_sent_connections_are_closed_within_10_s(served):
-    """80 connections that sent nothing or stopped half-way held 85 server threads for ever."""
+def test_idle_half_sent_and_trickling_connections_are_closed_within_10_s(served):
+    """80 connections that sent nothing or stopped half-way held 85 server threads for ever, and a
+    client sending a byte every second never met the per-read timeout."""
     address, pid = served
-    threads = lambda: int(re.search(r"Threads:\s+(\d+)", open(f"/proc/{pid}/status").read())[1])
     assert raw_exchange(address, raw_post(b'{"query": "red mug"}'))[0] == 200       # its threads started
-    before = threads()
+    before = server_threads(pid)
     starts = [b"", b"POST /search HTTP/1.1\r\nContent-", raw_post(b'{"query": "red mug"}')[:-8]]
     hanging = [socket.create_connection(address, timeout=2) for _ in range(80)]
     for i, connection in enumerate(hanging):
         connection.sendall(starts[i % 3])
+    trickling = [socket.create_connection(address, timeout=2) for _ in range(4)]
+
+    def trickle(connection: socket.socket) -> None:
+        for byte in raw_post(b'{"query": "' + b"a" * 40 + b'"}'):
+            time.sleep(0.5)
+            try:
+                connection.send(bytes([byte]))
+            except OSError:                     # closed by the server, as it should be
+                return
+
+    for connection in trickling:
+        threading.Thread(target=trickle, args=(connection,), daemon=True).start()
     assert raw_exchange(address, raw_post(b'{"query": "tea set"}'))[0] == 200, "served meanwhile"
     deadline = time.monotonic() + 10
-    for connection in hanging:
+    for connection in hanging + trickling:
         connection.settimeout(max(0.01, deadline - time.monotonic()))
         with connection:
             while connection.recv(4096):        # a JSON 408 for the half-sent body, then the close
                 pass
     time.sleep(0.5)
-    assert threads() <= before
+    assert server_threads(pid) <= before
+
+
+def test_serving_workers_are_replaced_when_they_die_and_stop_with_the_server(bundle, tmp_path):
+    """`fedrec serve --workers 2`: two processes on one port; a worker killed is replaced, none
+    outlives a server killed outright, and one that cannot load the bundle stops it with rc 2."""
+    import signal
+
+    from fedrec.tools.loadtest import process_tree, serving
+
+    def serving_workers(pid: int) -> list[int]:       # not multiprocessing's resource tracker
+        return [p for p in process_tree(pid) if b"spawn_main" in open(f"/proc/{p}/cmdline", "rb").read()]
+
+    with serving(bundle, workers=2) as (base, pid):
+        workers = serving_workers(pid)
+        assert len(workers) == 2
+        os.kill(workers[0], signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while (replaced := serving_workers(pid)) == workers or len(replaced) < 2:
+            assert time.monotonic() < deadline, "the killed worker was not replaced"
+            time.sleep(0.2)
+        for _ in range(20):
+            assert post(base, "/search", {"query": "red mug"})[0] == 200
+        os.kill(pid, signal.SIGKILL)            # no chance to stop its workers itself
+    deadline = time.monotonic() + 15
+    while any(os.path.exists(f"/proc/{worker}") and "zombie" not in open(f"/proc/{worker}/status").read()
+              for worker in replaced):
+        assert time.monotonic() < deadline, "a worker outlived its server"
+        time.sleep(0.2)
+    broken = tmp_path / "missing-bundle"
+    run = subprocess.run([sys.executable, "-m", "fedrec.tools", "serve", str(broken), "--workers", "2"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and str(broken) in run.stderr and "Traceback" not in run.stderr, run.stderr
 
 
 def test_64_clients_opening_a_connection_per_request_get_no_time_out(served, bundle, catalog):

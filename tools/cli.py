@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import signal
 import sys
+from functools import partial
 from pathlib import Path
 from typing import List, Optional
 
@@ -546,15 +548,25 @@ def search(bundle: Path = typer.Argument(..., help="Bundle folder or .tar.gz."),
 @app.command()
 def serve(bundle: Path = typer.Argument(..., help="Bundle folder or .tar.gz."),
           host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8080),
+          workers: int = typer.Option(1, min=1, max=64, help="Server processes on the one port. One Python "
+                                      "process uses about one core: on 2 cores, 2 served 1.3x the requests of 1 "
+                                      "(BENCHMARKS.md)."),
           precision: str = PRECISION, device: str = DEVICE) -> None:
     """HTTP JSON API: /health, /recommend, /search, /similar."""
-    from fedrec.edge_runtime.server import make_server
+    from fedrec.edge_runtime import BundleError, EdgeModel
+    from fedrec.edge_runtime.server import serve as serve_forever
 
-    server = make_server(_edge(bundle, precision, device), host, port)
-    typer.echo(f"serving {bundle} on http://{host}:{server.server_address[1]} (Ctrl-C to stop)")
+    def ready(address: tuple[str, int]) -> None:
+        typer.echo(f"serving {bundle} on http://{address[0]}:{address[1]} with {workers} "
+                   f"worker{'s' * (workers > 1)} (Ctrl-C to stop)")
+
     try:
-        server.serve_forever()
+        serve_forever(partial(EdgeModel, bundle, precision, device), host, port, workers, ready)
+    except BundleError as exc:
+        raise FedrecError(str(exc)) from exc
+    except OSError as exc:
+        if exc.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+            raise
+        raise FedrecError(f"cannot listen on {host}:{port}: {exc.strerror}", hint="choose another --port or --host") from exc
     except KeyboardInterrupt:
         typer.echo("stopped")
-    finally:
-        server.server_close()

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from contextlib import contextmanager
@@ -42,23 +41,28 @@ class LoadReport:
 
 
 @contextmanager
-def serving(bundle: str | Path, timeout: float = 60.0) -> Iterator[tuple[str, int]]:
-    """`fedrec serve BUNDLE` in its own process on a free loopback port: yields (base URL, pid)."""
+def serving(bundle: str | Path, timeout: float = 60.0, workers: int = 1) -> Iterator[tuple[str, int]]:
+    """`fedrec serve BUNDLE` in its own process on a free loopback port, once every worker has
+    loaded (it says so): yields (base URL, pid)."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "fedrec.tools", "serve", str(bundle), "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "fedrec.tools", "serve", str(bundle), "--port", str(port),
+                               "--workers", str(workers)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    said: list[str] = []
+    ready = threading.Event()
+
+    def read_output():
+        for line in server.stdout:          # read to the end, so the pipe never fills
+            said.append(line)
+            if line.startswith("serving "):
+                ready.set()
+
+    threading.Thread(target=read_output, daemon=True).start()
     try:
         deadline = time.monotonic() + timeout
-        while True:
-            try:
-                urllib.request.urlopen(base + "/health", timeout=1)
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise FedrecError(f"`fedrec serve {bundle}` did not start on port {port}") from None
-                time.sleep(0.2)
-        yield base, server.pid
+        while not ready.wait(0.2):
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise FedrecError(f"`fedrec serve {bundle}` did not start on port {port}: {''.join(said)[-2000:]}")
+        yield f"http://127.0.0.1:{port}", server.pid
     finally:
         server.terminate()
         server.wait(10)
@@ -80,11 +84,26 @@ def mixed_calls(item_ids: list[str], queries: list[str], count: int, seed: int =
     return calls
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (a server's workers)."""
+    tree = [pid]
+    for parent in tree:
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                tree.extend(int(child) for child in (task / "children").read_text().split())
+            except FileNotFoundError:           # a thread that has just ended
+                pass
+    return tree
+
+
 def resident_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """The resident memory of `pid` and its descendants."""
+    total = 0.0
+    for process in process_tree(pid):
+        for line in Path(f"/proc/{process}/status").read_text().splitlines():
+            if line.startswith("VmRSS"):
+                total += int(line.split()[1]) / 1024
+    return total
 
 
 class KeepAlive:
