@@ -16,7 +16,7 @@ from common import WORK, save, silos_dir
 from fedrec.config import FedrecConfig
 from fedrec.data.silo import load_dataset
 from fedrec.distill.distill import distill
-from fedrec.distill.student import Student
+from fedrec.model.student import Student
 from fedrec.edge_runtime import EdgeModel
 from fedrec.evaluation.evaluate import evaluate_ranker
 from fedrec.evaluation.rankers import TeacherRanker
@@ -28,8 +28,9 @@ from quality import teacher_search
 
 
 def bundle_search(edge: EdgeModel, catalog):
+    """The student's own search (dense): what distillation retains, not the lexical index beside it."""
     def top_k(queries, k):
-        return [[catalog.index[r.item_id] for r in results] for results in edge.search_batch(list(queries), k)]
+        return [[catalog.index[r.item_id] for r in results] for results in edge.search_batch(list(queries), k, mode="dense")]
     return top_k
 
 

@@ -64,7 +64,7 @@ def main(bundle: str, teacher_dir: str) -> None:
     for precision in ("fp32", "int8"):
         model = EdgeModel(bundle, precision, threads=1)
         recommend[f"bundle ORT {precision}"] = lambda h, m=model: m.recommend(h[0], 10, ages=h[1])
-        search[f"bundle ORT {precision}"] = lambda q, m=model: m.search(q, 10)
+        search[f"bundle ORT {precision}"] = lambda q, m=model: m.search(q, 10, mode="dense")   # the model, as the teacher
     out = {}
     for task, calls, inputs in (("recommend", recommend, histories), ("search", search, queries)):
         passes = [timed_together(calls, inputs) for _ in range(PASSES)]

@@ -6,6 +6,8 @@ Layout written (atomically, as a whole):
                                       filtered by who bought what
     OUT/<region>/interactions.parquet that region's users only (user_id, item_id, timestamp,
                                       query, basket, split)
+    OUT/<region>/queries.parquet      that region's search log, when one is given
+                                      (`fedrec.data.queries`); a region may have only this
     OUT/summary.json                  counts of everything kept and dropped
 """
 
@@ -18,7 +20,9 @@ from pathlib import Path
 import pandas as pd
 
 from fedrec.atomic import atomic_dir, refuse_to_replace, write_json
-from fedrec.data.regions import RegionMap
+from fedrec.data.queries import read_queries
+from fedrec.data.regions import RegionMap, region_name
+from fedrec.data.silo import INTERACTIONS_FILE, QUERIES_FILE
 from fedrec.data.sources import Ingested, is_online_retail, read_generic, read_online_retail, read_table
 from fedrec.data.split import SPLITS, split_by_basket
 from fedrec.errors import DataError
@@ -45,11 +49,16 @@ def ingest(source: str | Path, catalog: str | Path | None = None, regions: Regio
 
 
 def prepare(source: str | Path, out: str | Path, catalog: str | Path | None = None,
-            regions: RegionMap | None = None, default_region: str | None = None) -> PrepareResult:
+            regions: RegionMap | None = None, default_region: str | None = None,
+            queries: dict[str, str | Path] | None = None) -> PrepareResult:
+    """`queries` maps a region name to its search log file (see `fedrec.data.queries`)."""
     refuse_to_replace_foreign_files(out)
     ingested = ingest(source, catalog, regions, default_region)
     interactions, split_report = split_by_basket(ingested.interactions)
-    if interactions.empty:
+    item_ids = set(ingested.catalog["item_id"])
+    queries = {region_name(region, column="queries"): path for region, path in (queries or {}).items()}
+    search_logs = {region: read_queries(path, item_ids) for region, path in sorted(queries.items())}
+    if interactions.empty and not search_logs:
         raise DataError("no interactions left after cleaning", file=str(source),
                         hint="Check the file holds purchases with known customers.")
 
@@ -62,13 +71,19 @@ def prepare(source: str | Path, out: str | Path, catalog: str | Path | None = No
             int((~ingested.catalog["item_id"].isin(interactions["item_id"])).sum()),
         "regions": {region: region_summary(group)
                     for region, group in interactions.groupby("region", sort=True)},
+        "queries": {region: {"file": str(queries[region]), **report,
+                             "users_with_baskets_too": users_with_baskets_too(log, interactions, region)}
+                    for region, (log, report) in search_logs.items()},
     }
     with atomic_dir(out) as tmp:
         ingested.catalog.to_parquet(tmp / "catalog.parquet", index=False)
         summary["catalog_sha256"] = hashlib.sha256((tmp / "catalog.parquet").read_bytes()).hexdigest()
         for region, group in interactions.groupby("region", sort=True):
             (tmp / region).mkdir()
-            group[SILO_COLUMNS].to_parquet(tmp / region / "interactions.parquet", index=False)
+            group[SILO_COLUMNS].to_parquet(tmp / region / INTERACTIONS_FILE, index=False)
+        for region, (log, _) in search_logs.items():
+            (tmp / region).mkdir(exist_ok=True)
+            log.to_parquet(tmp / region / QUERIES_FILE, index=False)
         write_json(tmp / "summary.json", summary)
         refuse_to_replace_foreign_files(out)      # again: a region may have started in OUT meanwhile
     return PrepareResult(Path(out), summary)
@@ -84,7 +99,7 @@ def refuse_to_replace_foreign_files(out: str | Path) -> None:
         for path in sorted(p for p in out.rglob("*") if not p.is_dir()):
             relative = path.relative_to(out).parts
             if relative in (("catalog.parquet",), ("summary.json",)) or (
-                    len(relative) == 2 and relative[1] == "interactions.parquet"):
+                    len(relative) == 2 and relative[1] in (INTERACTIONS_FILE, QUERIES_FILE)):
                 continue
             what = ("a region's privacy records: replacing the folder would reset that region's privacy budget"
                     if ".fedrec" in relative else "replacing the folder would delete it")
@@ -106,3 +121,9 @@ def region_summary(frame: pd.DataFrame) -> dict:
     for split in SPLITS:
         out[f"{split}_interactions"] = int((frame["split"] == split).sum())
     return out
+
+
+def users_with_baskets_too(log: pd.DataFrame, interactions: pd.DataFrame, region: str) -> int:
+    """Searchers who also bought in the region: one user, so one privacy unit, with both kinds of example."""
+    searchers = set(log.loc[~log["session"], "unit"])
+    return len(searchers & set(interactions.loc[interactions["region"] == region, "user_id"]))

@@ -1,10 +1,11 @@
-"""Loading a prepared dataset: the public catalog and one region's user records."""
+"""Loading a prepared dataset: the public catalog and one region's user records (their baskets
+and, where the region has a search log, their searches)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -14,6 +15,9 @@ import pandas as pd
 from fedrec.data.regions import region_name
 from fedrec.errors import DataError
 from fedrec.text import item_text
+
+INTERACTIONS_FILE, QUERIES_FILE = "interactions.parquet", "queries.parquet"
+SESSION_PREFIX = "query session: "      # the user id of a privacy unit that is a query session
 
 
 @dataclass
@@ -56,13 +60,24 @@ class Catalog:
 
 
 @dataclass
+class Search:
+    """One query of a search log and what was judged relevant for it."""
+
+    query: str
+    items: np.ndarray            # catalog positions of the items with relevance > 0
+    gains: np.ndarray            # their graded relevance (1 for an implicit click or purchase)
+
+
+@dataclass
 class UserRecord:
-    """One user in one region: the unit of privacy. Baskets are item indices in time order."""
+    """One user (or one query session) in one region: the unit of privacy. Baskets are item
+    indices in time order; searches come from the region's search log."""
 
     user_id: str
     baskets: list[np.ndarray]
     queries: list[str]
     n_train: int                 # the first n_train baskets are training history
+    searches: list[Search] = field(default_factory=list)
 
     @property
     def train_baskets(self) -> list[np.ndarray]:
@@ -106,7 +121,8 @@ def dataset_regions(root: str | Path, names: list[str] | None = None) -> list[st
     """The regions of a prepared dataset (its silo folders), or those of them `names` gives (none:
     all), normalised and checked to be among them before anything starts, not minutes into a run."""
     root = Path(root)
-    available = sorted(p.name for p in root.iterdir() if (p / "interactions.parquet").is_file()) \
+    available = sorted(p.name for p in root.iterdir()
+                       if (p / INTERACTIONS_FILE).is_file() or (p / QUERIES_FILE).is_file()) \
         if root.is_dir() else []
     if not available:
         raise DataError("no region silos found", file=str(root),
@@ -122,22 +138,41 @@ def dataset_regions(root: str | Path, names: list[str] | None = None) -> list[st
 
 
 def load_silo(silo_dir: str | Path, catalog: Catalog | None = None) -> Silo:
-    """A region's silo folder; the catalog defaults to ../catalog.parquet next to it."""
+    """A region's silo folder; the catalog defaults to ../catalog.parquet next to it. A searcher
+    who also bought (same user id) is one record with both; query sessions are records of their own."""
     silo_dir = Path(silo_dir)
-    path = silo_dir / "interactions.parquet"
-    if not path.is_file():
-        raise DataError("no interactions.parquet in the silo folder", file=str(silo_dir),
+    interactions, queries = silo_dir / INTERACTIONS_FILE, silo_dir / QUERIES_FILE
+    if not (interactions.is_file() or queries.is_file()):
+        raise DataError(f"no {INTERACTIONS_FILE} in the silo folder (nor a search log, {QUERIES_FILE})",
+                        file=str(silo_dir),
                         hint="Point at OUT/<region> written by `fedrec data prepare`.")
     catalog = catalog or Catalog.load(silo_dir.parent / "catalog.parquet")
-    frame = pd.read_parquet(path)
-    index = catalog.index
-    items = frame["item_id"].astype(str).map(index)
+    users = {user.user_id: user for user in (basket_users(interactions, catalog) if interactions.is_file() else [])}
+    sessions = []
+    for (unit, session), searches in (search_units(queries, catalog) if queries.is_file() else {}).items():
+        if session:
+            sessions.append(UserRecord(f"{SESSION_PREFIX}{unit}", [], [], 0, searches))
+        elif unit in users:
+            users[unit].searches = searches
+        else:
+            users[unit] = UserRecord(unit, [], [], 0, searches)
+    return Silo(silo_dir.name, catalog, [*users.values(), *sessions])
+
+
+def _catalog_positions(frame: pd.DataFrame, catalog: Catalog, path: Path) -> pd.Series:
+    items = frame["item_id"].astype(str).map(catalog.index)
     if items.isna().any():
         row = int(np.flatnonzero(items.isna().to_numpy())[0])
         raise DataError(f"item {frame['item_id'].iloc[row]!r} is not in the catalog", file=str(path),
                         row=row + 1, column="item_id")
-    frame = frame.assign(item=items.astype(np.int64)).sort_values(["user_id", "basket", "item"],
-                                                                   kind="stable")
+    return items.astype(np.int64)
+
+
+def basket_users(path: Path, catalog: Catalog) -> list[UserRecord]:
+    """The users of an interactions file, with their baskets in time order."""
+    frame = pd.read_parquet(path)
+    frame = frame.assign(item=_catalog_positions(frame, catalog, path)).sort_values(["user_id", "basket", "item"],
+                                                                                  kind="stable")
     user_ids = frame["user_id"].astype(str).to_numpy()
     basket_ids = frame["basket"].to_numpy()
     basket_starts = np.flatnonzero(np.r_[True, (user_ids[1:] != user_ids[:-1])
@@ -153,7 +188,20 @@ def load_silo(silo_dir: str | Path, catalog: Catalog | None = None) -> Silo:
         is_train = first["split"].to_numpy()[start:end] == "train"
         users.append(UserRecord(user_id, basket_items[start:end],
                                 list(queries.loc[user_id].to_numpy()), int(is_train.sum())))
-    return Silo(silo_dir.name, catalog, users)
+    return users
+
+
+def search_units(path: Path, catalog: Catalog) -> dict[tuple[str, bool], list[Search]]:
+    """(unit id, is a query session) → that unit's searches, each query with its relevant items;
+    a query judged only not relevant teaches nothing and is left out."""
+    frame = pd.read_parquet(path)
+    frame = frame.assign(item=_catalog_positions(frame, catalog, path))
+    frame = frame[frame["relevance"] > 0]
+    units: dict[tuple[str, bool], list[Search]] = {}
+    for (unit, session, query), rows in frame.groupby(["unit", "session", "query"], sort=True):
+        units.setdefault((str(unit), bool(session)), []).append(
+            Search(str(query), rows["item"].to_numpy(), rows["relevance"].to_numpy(dtype=np.float64)))
+    return units
 
 
 def load_dataset(root: str | Path, regions: list[str] | None = None) -> dict[str, Silo]:

@@ -79,20 +79,20 @@ def read_online_retail(raw: pd.DataFrame, file: str, regions: RegionMap) -> Inge
     """UCI Online Retail (`raw` as read by `read_table`). The catalog is the shop's listing: every
     product on any line, whoever bought or returned it, so that which items it holds reveals no
     purchase; only the interactions are cleaned as a retailer would."""
-    _require_columns(raw, ONLINE_RETAIL_COLUMNS, file)
+    require_columns(raw, ONLINE_RETAIL_COLUMNS, file)
     report: dict[str, int] = {"rows_read": len(raw)}
 
     frame = pd.DataFrame({
         "invoice": raw["InvoiceNo"].astype(str).str.strip(),
         "item_id": raw["StockCode"].astype(str).str.strip().str.upper(),
         "description": raw["Description"].astype(str).str.strip(),
-        "quantity": _numbers(raw, "Quantity", file, integer=True),
-        "timestamp": _timestamps(raw, "InvoiceDate", file),
-        "price": _numbers(raw, "UnitPrice", file),
+        "quantity": parse_numbers(raw, "Quantity", file, integer=True),
+        "timestamp": parse_timestamps(raw, "InvoiceDate", file),
+        "price": parse_numbers(raw, "UnitPrice", file),
         "user_id": raw["CustomerID"].astype(str).str.strip().str.replace(r"\.0+$", "", regex=True),
         "country": raw["Country"].astype(str).str.strip(),
     })
-    _no_empty(frame, "country", "Country", file)
+    no_empty(frame, "country", "Country", file)
     catalog = _catalog_from_descriptions(frame[frame["item_id"].str.match(PRODUCT_CODE)])
 
     for reason, should_drop in (
@@ -139,18 +139,18 @@ def read_generic(raw: pd.DataFrame, ifile: str, catalog_path: str | Path,
                  default_region: str | None = None) -> Ingested:
     """The generic format: an interactions table (`raw`) and a catalog table (CSV or Parquet)."""
     cfile = str(catalog_path)
-    _require_columns(raw, ["user_id", "item_id", "timestamp"], ifile)
+    require_columns(raw, ["user_id", "item_id", "timestamp"], ifile)
     raw_catalog = read_table(catalog_path)
-    _require_columns(raw_catalog, ["item_id", "title"], cfile)
+    require_columns(raw_catalog, ["item_id", "title"], cfile)
 
     catalog = pd.DataFrame({
         column: (raw_catalog[column].astype(str).str.strip() if column in raw_catalog else "")
         for column in ("item_id", "title", "category", "description")
     })
-    catalog["price"] = (_numbers(raw_catalog, "price", cfile) if "price" in raw_catalog
+    catalog["price"] = (parse_numbers(raw_catalog, "price", cfile) if "price" in raw_catalog
                         else np.nan)
-    _no_empty(catalog, "item_id", "item_id", cfile)
-    _no_empty(catalog, "title", "title", cfile)
+    no_empty(catalog, "item_id", "item_id", cfile)
+    no_empty(catalog, "title", "title", cfile)
     duplicated = catalog["item_id"].duplicated()
     if duplicated.any():
         row = int(np.flatnonzero(duplicated.to_numpy())[0])
@@ -167,40 +167,44 @@ def read_generic(raw: pd.DataFrame, ifile: str, catalog_path: str | Path,
     interactions = pd.DataFrame({
         "user_id": raw["user_id"].astype(str).str.strip(),
         "item_id": raw["item_id"].astype(str).str.strip(),
-        "timestamp": _timestamps(raw, "timestamp", ifile),
+        "timestamp": parse_timestamps(raw, "timestamp", ifile),
         "region": region,
         "query": raw["query"].astype(str).str.strip() if "query" in raw else "",
     })
     for column in ("user_id", "item_id", "region"):
-        _no_empty(interactions, column, column, ifile)
-    _fail_at(~interactions["region"].str.fullmatch(REGION_NAME.pattern), interactions, "region", ifile,
+        no_empty(interactions, column, column, ifile)
+    fail_at(~interactions["region"].str.fullmatch(REGION_NAME.pattern), interactions, "region", ifile,
              f"not a region name ({REGION_RULE})")
-    unknown = ~interactions["item_id"].isin(set(catalog["item_id"]))
-    if unknown.any():
-        row = int(np.flatnonzero(unknown.to_numpy())[0])
-        raise DataError(f"item_id {interactions['item_id'].iloc[row]!r} is not in the catalog "
-                        f"({int(unknown.sum())} rows name unknown items)",
-                        file=ifile, row=row + 1, column="item_id",
-                        hint=f"Add the items to {cfile} or remove those rows.")
+    refuse_unknown_items(interactions, set(catalog["item_id"]), ifile,
+                         hint=f"Add the items to {cfile} or remove those rows.")
     report = {"rows_read": len(raw), "rows_kept": len(interactions)}
     return Ingested(interactions, catalog.sort_values("item_id", ignore_index=True), report)
 
 
-def _require_columns(frame: pd.DataFrame, columns: list[str], file: str) -> None:
+def require_columns(frame: pd.DataFrame, columns: list[str], file: str) -> None:
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise DataError(f"missing column(s) {', '.join(missing)}; found {', '.join(map(str, frame.columns))}",
                         file=file, column=missing[0])
 
 
-def _fail_at(mask: pd.Series, frame: pd.DataFrame, column: str, file: str, what: str) -> None:
+def refuse_unknown_items(frame: pd.DataFrame, item_ids: set[str], file: str, hint: str) -> None:
+    unknown = ~frame["item_id"].isin(item_ids)
+    if unknown.any():
+        row = int(np.flatnonzero(unknown.to_numpy())[0])
+        raise DataError(f"item_id {frame['item_id'].iloc[row]!r} is not in the catalog "
+                        f"({int(unknown.sum())} rows name unknown items)",
+                        file=file, row=row + 1, column="item_id", hint=hint)
+
+
+def fail_at(mask: pd.Series, frame: pd.DataFrame, column: str, file: str, what: str) -> None:
     if mask.any():
         row = int(np.flatnonzero(mask.to_numpy())[0])
         raise DataError(f"{what}: {str(frame[column].iloc[row])[:80]!r} "
                         f"({int(mask.sum())} such rows)", file=file, row=row + 1, column=column)
 
 
-def _no_empty(frame: pd.DataFrame, column: str, label: str, file: str) -> None:
+def no_empty(frame: pd.DataFrame, column: str, label: str, file: str) -> None:
     empty = frame[column].astype(str).str.strip() == ""
     if empty.any():
         row = int(np.flatnonzero(empty.to_numpy())[0])
@@ -208,16 +212,16 @@ def _no_empty(frame: pd.DataFrame, column: str, label: str, file: str) -> None:
                         column=label)
 
 
-def _numbers(frame: pd.DataFrame, column: str, file: str, integer: bool = False) -> pd.Series:
+def parse_numbers(frame: pd.DataFrame, column: str, file: str, integer: bool = False) -> pd.Series:
     text = frame[column].astype(str).str.strip()
     values = pd.to_numeric(text, errors="coerce")
-    _fail_at(values.isna() | ~np.isfinite(values), frame, column, file, "not a number")
+    fail_at(values.isna() | ~np.isfinite(values), frame, column, file, "not a number")
     if integer:
-        _fail_at(values != values.round(), frame, column, file, "not a whole number")
+        fail_at(values != values.round(), frame, column, file, "not a whole number")
     return values.astype("float64")
 
 
-def _timestamps(frame: pd.DataFrame, column: str, file: str) -> pd.Series:
+def parse_timestamps(frame: pd.DataFrame, column: str, file: str) -> pd.Series:
     """ISO timestamps, the original UCI 'M/D/YYYY H:MM' text, Excel dates or Unix seconds."""
     values = frame[column]
     if pd.api.types.is_datetime64_any_dtype(values):
@@ -233,8 +237,8 @@ def _timestamps(frame: pd.DataFrame, column: str, file: str) -> pd.Series:
             if retry.any():
                 parsed[retry] = pd.to_datetime(text[retry], format="%m/%d/%Y %H:%M", utc=True,
                                                errors="coerce")
-    _fail_at(parsed.isna(), frame, column, file, "not a timestamp (use ISO 8601 or Unix seconds)")
+    fail_at(parsed.isna(), frame, column, file, "not a timestamp (use ISO 8601 or Unix seconds)")
     earliest, latest = TIMESTAMP_RANGE
-    _fail_at((parsed < earliest) | (parsed > latest), frame, column, file,
+    fail_at((parsed < earliest) | (parsed > latest), frame, column, file,
              f"a timestamp outside {earliest:%Y-%m-%d} to {latest:%Y-%m-%d}")
     return parsed.dt.tz_convert(None).astype("datetime64[ns]")

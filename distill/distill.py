@@ -25,7 +25,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from fedrec.config import FedrecConfig
 from fedrec.data.silo import Catalog
-from fedrec.distill.student import Student, StudentConfig
+from fedrec.model.student import Student, StudentConfig
 from fedrec.distill.vocab import prune_vocabulary
 from fedrec.evaluation.search import title_fragment
 from fedrec.model.teacher import TEACHER_FILE, Teacher

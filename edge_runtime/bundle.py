@@ -21,7 +21,11 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-FORMAT_VERSION = 3          # 3: manifest.sha256 (2: user tower + query encoder graphs, 1: one text encoder)
+from fedrec.edge_runtime.fusion import Fusion
+from fedrec.edge_runtime.lexical import LexicalFiles
+
+FORMAT_VERSION = 4          # 4: BM25 lexical index and fusion (3: manifest.sha256, 2: user tower + query
+                            # encoder graphs, 1: one text encoder)
 MANIFEST = "manifest.json"
 DIGEST = "manifest.sha256"
 
@@ -52,7 +56,7 @@ def regular_file(path: Path) -> bool:
     return path.is_file() and not path.is_symlink()
 
 
-TYPE_NAMES = {int: "a whole number ≥ 0", str: "a string", dict: "an object"}
+TYPE_NAMES = {int: "a whole number ≥ 0", float: "a number", str: "a string", dict: "an object"}
 
 
 class Section:
@@ -71,6 +75,8 @@ class Section:
                 raise BundleError(f"{self.label}: {self.name(key)} is missing")
             return None
         value = self.value[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
         if not isinstance(value, kind) or kind is int and (isinstance(value, bool) or value < 0):
             raise BundleError(f"{self.label}: {self.name(key)} must be {TYPE_NAMES[kind]}, got {value!r:.80}")
         return value
@@ -107,6 +113,8 @@ class ModelFacts:
     tokenizer: str
     item_matrix: str
     items: str
+    lexical: LexicalFiles                   # the BM25 index over the titles (edge_runtime.lexical)
+    fusion: Fusion                          # how hybrid search combines it with the model's scores
     tensorrt_engine: str | None = None
     item_index: str | None = None
 
@@ -118,6 +126,11 @@ class ModelFacts:
             precisions = onnx.section(graph)
             precisions.get("fp32", str)     # every bundle has it; the user tower falls back to it
             graphs[graph] = {precision: precisions.file(precision, files) for precision in precisions.value}
+        lexical, fusion = model.section("lexical"), model.section("fusion")
+        try:
+            fused = Fusion(fusion.get("method", str), fusion.get("parameter", float))
+        except ValueError as exc:
+            raise BundleError(f"{model.label}: {fusion.key}: {exc}") from None
         return cls(kind=model.get("kind", str),
                    dim=model.get("dim", int),
                    text_dim=model.get("text_dim", int),
@@ -130,6 +143,8 @@ class ModelFacts:
                    tokenizer=model.file("tokenizer", files),
                    item_matrix=model.file("item_matrix", files),
                    items=model.file("items", files),
+                   lexical=LexicalFiles(**{name: lexical.file(name, files) for name in LexicalFiles.__dataclass_fields__}),
+                   fusion=fused,
                    tensorrt_engine=model.file("tensorrt_engine", files, required=False),
                    item_index=model.file("item_index", files, required=False))
 

@@ -39,12 +39,17 @@ class Index(ItemIndex):
         if exclude:
             for row, items in enumerate(exclude):
                 scores[row, items] = -np.inf
-        n = scores.shape[1]
-        k = min(k, n)
-        top = np.argpartition(scores, n - k, axis=1)[:, n - k:]
-        best = np.take_along_axis(scores, top, 1)
-        order = np.argsort(-best, axis=1, kind="stable")
-        return np.take_along_axis(top, order, 1), np.take_along_axis(best, order, 1)
+        return top_k(scores, k)
+
+
+def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's k best columns and their scores, best first."""
+    n = scores.shape[1]
+    k = min(k, n)
+    top = np.argpartition(scores, n - k, axis=1)[:, n - k:]
+    best = np.take_along_axis(scores, top, 1)
+    order = np.argsort(-best, axis=1, kind="stable")
+    return np.take_along_axis(top, order, 1), np.take_along_axis(best, order, 1)
 
 
 class QuantizedIndex(ItemIndex):

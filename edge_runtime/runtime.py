@@ -4,6 +4,11 @@ A user is their history: catalog positions (newest first) with basket ages, read
 graph; no text is encoded to recommend. A search query goes through the query encoder graph into
 the same space. Both give a row that scores every item by one product with the bundle's item
 matrix, ranked by an index from `edge_runtime.index` (exact by default).
+
+Search has three modes: dense (the query encoder's row against the item matrix), lexical (BM25
+over the item texts, `edge_runtime.lexical`) and hybrid, the default: both scores of every item
+fused as the bundle's manifest says (`edge_runtime.fusion`). Lexical and hybrid score the whole
+catalog exactly (the int8 index, when used, serves dense search and recommendations).
 """
 
 from __future__ import annotations
@@ -19,12 +24,21 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from fedrec.edge_runtime.bundle import BundleError, BundleManifest, ModelFacts, open_bundle
-from fedrec.edge_runtime.index import Index, ItemIndex, QuantizedIndex
+from fedrec.edge_runtime.fusion import Fusion
+from fedrec.edge_runtime.index import Index, ItemIndex, QuantizedIndex, top_k
+from fedrec.edge_runtime.lexical import LexicalIndex
 
 INT8_INDEX_FROM = 50_000     # below this an exact scan is as fast as the int8 one (BENCHMARKS.md)
 PROVIDERS = {"cpu": ["CPUExecutionProvider"],
              "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
              "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}
+SEARCH_MODES = ("hybrid", "dense", "lexical")
+
+
+def check_mode(mode: str) -> str:
+    if mode not in SEARCH_MODES:
+        raise ValueError(f"unknown search mode {mode!r}; choose {', '.join(SEARCH_MODES)}")
+    return mode
 
 
 @dataclass(frozen=True)
@@ -86,6 +100,11 @@ class EdgeModel:
         self.titles: list[str] = catalog["titles"]
         self.position = {item: i for i, item in enumerate(self.item_ids)}
         self.index = self.load_index(folder, model, index)
+        try:
+            self.lexical = LexicalIndex.load(folder, model.lexical, len(self.item_ids))
+        except (KeyError, ValueError) as exc:           # LexicalIndexError is a ValueError
+            raise BundleError(f"{self.source}: its lexical index is unreadable ({exc})") from exc
+        self.fusion: Fusion = model.fusion
 
     def load_index(self, folder: Path, model: ModelFacts, kind: str) -> ItemIndex:
         if kind not in ("auto", "exact", "int8"):
@@ -157,12 +176,28 @@ class EdgeModel:
                   ages: Sequence[int] | None = None) -> list[Result]:
         return self.recommend_batch([history_item_ids], k, exclude_history, None if ages is None else [ages])[0]
 
-    def search_batch(self, queries: Sequence[str], k: int = 10) -> list[list[Result]]:
-        top, scores = self.index.search(self.embed_queries(queries), k)
+    def dense_scores(self, queries: Sequence[str]) -> np.ndarray:
+        """queries × items: the model's search score of every item."""
+        return self.embed_queries(queries) @ self.index.vectors.T
+
+    def search_scores(self, queries: Sequence[str], mode: str = "hybrid") -> np.ndarray:
+        """queries × items: every item's score in this search mode (what `search_batch` ranks)."""
+        if check_mode(mode) == "lexical":
+            return self.lexical.scores(queries)
+        dense = self.dense_scores(queries)
+        return dense if mode == "dense" else self.fusion.scores(dense, self.lexical.scores(queries))
+
+    def search_batch(self, queries: Sequence[str], k: int = 10, mode: str = "hybrid") -> list[list[Result]]:
+        """The top k items for each query; `mode`: hybrid, dense or lexical. Ties (such as the
+        zero lexical score of items sharing no word with the query) come in no fixed order."""
+        if check_mode(mode) == "dense":
+            top, scores = self.index.search(self.embed_queries(queries), k)
+        else:
+            top, scores = top_k(self.search_scores(queries, mode), k)
         return [self.results(t, s) for t, s in zip(top, scores)]
 
-    def search(self, query: str, k: int = 10) -> list[Result]:
-        return self.search_batch([query], k)[0]
+    def search(self, query: str, k: int = 10, mode: str = "hybrid") -> list[Result]:
+        return self.search_batch([query], k, mode)[0]
 
     def similar(self, item_id: str, k: int = 10) -> list[Result]:
         """What shoppers who just bought `item_id` buy: the user tower over that one item."""

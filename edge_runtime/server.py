@@ -2,7 +2,8 @@
 
     GET  /health                                   → {"status": "ok", "items": N, "model": ...}
     POST /recommend {"history": [ids], "k": 10}    → {"results": [...], "unknown_ids": [...]}
-    POST /search    {"query": "red mug", "k": 10}  → {"results": [...]}
+    POST /search    {"query": "red mug", "k": 10, "mode": "hybrid"}  → {"results": [...]}
+                    (mode: hybrid, the default, dense or lexical)
     POST /similar   {"item_id": "85123A", "k": 10} → {"results": [...]}
 
 Input is validated: bodies up to 64 KiB of JSON objects, k in 1..100, queries up to 512
@@ -37,7 +38,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from threadpoolctl import threadpool_limits
 
-from fedrec.edge_runtime.runtime import EdgeModel
+from fedrec.edge_runtime.runtime import SEARCH_MODES, EdgeModel
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,10 @@ def handle(model: EdgeModel, batched: Batcher, path: str, body: dict) -> dict:
         query = field(body, "query", str)
         if not query.strip() or len(query) > MAX_QUERY:
             raise RequestError(400, f"query must be 1 to {MAX_QUERY} characters")
-        return {"results": [vars(r) for r in batched(model.search_batch, query, top_k(body))]}
+        mode = field(body, "mode", str, required=False, default="hybrid")
+        if mode not in SEARCH_MODES:
+            raise RequestError(400, f"mode must be one of {', '.join(SEARCH_MODES)}")
+        return {"results": [vars(r) for r in batched(model.search_batch, query, top_k(body), mode)]}
     if path == "/similar":
         item_id = field(body, "item_id", str)
         if item_id not in model.position:

@@ -41,3 +41,22 @@ def first_rank(scores: np.ndarray, target: np.ndarray) -> int:
     best = min(target, key=lambda i: (-scores[i], i))
     s = scores[best]
     return int((scores > s).sum() + (scores[:best] == s).sum() + 1)
+
+
+def graded_metrics(ranked: np.ndarray, items: np.ndarray, relevance: np.ndarray, k: int = 10) -> dict[str, float]:
+    """One query's metrics for graded judgments. `ranked`: candidate positions best first (the
+    whole catalog, or the judged items when re-ranking); `items`, `relevance`: its judged items and
+    their grades (0 = judged not relevant; unjudged items count as 0). NDCG@k gains 2^rel − 1
+    against the ideal order of the judged grades; relevant means rel ≥ 1 for Recall@k (÷ min(k,
+    relevant), as above) and MRR (1 ÷ rank of the first relevant item in `ranked`, 0 if none)."""
+    grade = dict(zip(np.asarray(items).tolist(), np.asarray(relevance).tolist()))
+    got = np.array([grade.get(i, 0) for i in np.asarray(ranked).tolist()], dtype=np.float64)
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    top = got[:k]
+    ideal = np.sort(np.asarray(relevance, dtype=np.float64))[::-1][:k]
+    ideal_dcg = ((2 ** ideal - 1) * discounts[:len(ideal)]).sum()
+    relevant = int((np.asarray(relevance) > 0).sum())
+    first = np.flatnonzero(got > 0)
+    return {f"ndcg@{k}": float(((2 ** top - 1) * discounts[:len(top)]).sum() / ideal_dcg) if ideal_dcg else 0.0,
+            f"recall@{k}": float((top > 0).sum() / min(k, relevant)) if relevant else 0.0,
+            "mrr": float(1 / (first[0] + 1)) if len(first) else 0.0}

@@ -3,6 +3,7 @@
     user_tower.{fp32,int8}.onnx     history (catalog positions, basket ages, mask) → user vector
     query_encoder.{fp32,int8}.onnx  query tokens → user vector (the student, or the teacher's encoder)
     tokenizer.json  items.npy (item matrix, float32)  items.json (ids and titles)
+    lexical.json  lexical.{data,indices,indptr}.npy (BM25 over the item texts, `export.lexical`)
     [query_encoder.fp16.onnx  query_encoder.fp16.plan  items.int8.onnx]
     manifest.json (format version, model facts, metrics, privacy, files)
     manifest.sha256 (the SHA-256 of manifest.json, written last)
@@ -19,9 +20,9 @@ run it as typed, and the TensorRT engine is built from it as a strongly typed ne
 
 from __future__ import annotations
 
-import json
 import tarfile
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +31,12 @@ import torch
 import fedrec
 from fedrec.atomic import atomic_dir, atomic_file, write_json
 from fedrec.data.silo import Catalog
-from fedrec.distill.student import STUDENT_FILE, Student
 from fedrec.edge_runtime.bundle import DIGEST, FORMAT_VERSION, MANIFEST, digest_line, sha256_file, verify_bundle
+from fedrec.edge_runtime.fusion import DEFAULT_FUSION, Fusion
+from fedrec.export.lexical import write_lexical_index
+from fedrec.model.checkpoints import load_checkpoint
 from fedrec.model.encoding import TextEncoder
-from fedrec.model.teacher import TEACHER_FILE, Teacher
+from fedrec.model.teacher import Teacher
 
 
 class UserTowerGraph(torch.nn.Module):
@@ -56,21 +59,6 @@ class QueryGraph(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.teacher.search_rows(self.text_encoder(input_ids, attention_mask))
-
-
-def load_for_export(checkpoint: Path, catalog: Catalog) -> tuple[Teacher, TextEncoder, str, dict]:
-    """The teacher, the text encoder that will encode queries (the student, or the teacher's own
-    encoder), that encoder's tokenizer JSON, and the checkpoint's metadata."""
-    if (checkpoint / STUDENT_FILE).is_file():
-        meta = json.loads((checkpoint / STUDENT_FILE).read_text())
-        teacher = Teacher.load(meta["teacher"], catalog)
-        student = Student.load(checkpoint)
-        return teacher, student, student.tokenizer_json, {**meta, "kind": "student"}
-    if not (checkpoint / TEACHER_FILE).is_file():
-        raise FileNotFoundError(f"{checkpoint} is neither a student nor a teacher checkpoint")
-    meta = json.loads((checkpoint / TEACHER_FILE).read_text())
-    teacher = Teacher.load(checkpoint, catalog)
-    return teacher, teacher.encoder, teacher.encoder.tokenizer.backend_tokenizer.to_str(), {**meta, "kind": "teacher"}
 
 
 def export_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], names: list[str], path: Path) -> None:
@@ -132,12 +120,15 @@ def convert_fp16(source: Path, target: Path) -> None:
 
 def export_bundle(checkpoint: str | Path, catalog: Catalog, out: str | Path, int8: bool = True,
                   tensorrt: bool = False, tar: bool = False, metrics: dict | None = None,
-                  int8_index: bool = False, fp16: bool = False) -> Path:
+                  int8_index: bool = False, fp16: bool = False, fusion: Fusion = DEFAULT_FUSION) -> Path:
     """`fp16` adds the float16 query encoder for GPUs (`tensorrt` implies it: the engine is built
-    from it); `int8_index` adds the int8 item scan (`edge_runtime.index.QuantizedIndex`)."""
+    from it); `int8_index` adds the int8 item scan (`edge_runtime.index.QuantizedIndex`); `fusion`
+    is how hybrid search combines the model's and BM25's scores (`fedrec search-eval --tune`
+    measures the choices on judged queries)."""
     checkpoint, out = Path(checkpoint), Path(out)
-    teacher, text_encoder, tokenizer_json, meta = load_for_export(checkpoint, catalog)
-    teacher, text_encoder = teacher.cpu().eval(), text_encoder.cpu().eval()
+    loaded = load_checkpoint(checkpoint, catalog)
+    teacher, text_encoder, tokenizer_json, meta = (loaded.teacher.cpu().eval(), loaded.text_encoder.cpu().eval(),
+                                                    loaded.tokenizer_json, loaded.meta)
     config = teacher.config
     items = teacher.item_matrix().numpy().astype(np.float32)
     history = torch.tensor([[0, 1, 2], [3, 0, 0]])
@@ -168,6 +159,7 @@ def export_bundle(checkpoint: str | Path, catalog: Catalog, out: str | Path, int
 
             (tmp / "items.int8.onnx").write_bytes(int8_scan_model(items))
         write_json(tmp / "items.json", {"item_ids": catalog.item_ids, "titles": catalog.titles})
+        lexical = write_lexical_index(catalog.texts(), tmp)
         counts = teacher.parameter_counts()
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -181,6 +173,7 @@ def export_bundle(checkpoint: str | Path, catalog: Catalog, out: str | Path, int
                                "query_encoder": sum(p.numel() for p in text_encoder.parameters())},
                 "onnx": graphs, "tokenizer": "tokenizer.json", "item_matrix": "items.npy",
                 "items": "items.json", "items_count": len(catalog),
+                "lexical": asdict(lexical), "fusion": asdict(fusion),
                 **({"tensorrt_engine": "query_encoder.fp16.plan"} if tensorrt else {}),
                 **({"item_index": "items.int8.onnx"} if int8_index else {}),
             },

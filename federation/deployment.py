@@ -1,5 +1,5 @@
 """Running a real Flower deployment: SuperLink and SuperNode processes, and the control calls
-(submit, status, stop, register) that `flwr` would make, from Python.
+(submit, status, stop, logs, nodes, register) made through Flower's public `flwr` CLI.
 
 Every process gets an environment with telemetry, update checks and runtime dependency
 installation off, so nothing contacts any address but the SuperLink.
@@ -7,16 +7,21 @@ installation off, so nothing contacts any address but the SuperLink.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
+
+import tomli_w
 
 from fedrec.errors import FedrecError
 from fedrec.federation.certs import ServerTLS
@@ -162,87 +167,137 @@ def split_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+CONNECTION = "fedrec"       # the SuperLink connection's name in each command's private config.toml
+
+
 @dataclass
 class Control:
-    """The SuperLink's control API (what `flwr run/ls/stop/supernode register` use)."""
+    """The SuperLink's control API, driven through Flower's public `flwr` CLI (`run`, `list`,
+    `stop`, `log`, `supernode register/list`), so fedrec depends on no Flower internals.
+
+    Each command runs in a fresh private FLWR_HOME whose `config.toml` names this SuperLink as
+    the connection `fedrec`; nothing is held between calls. Replies are read from `--format json`.
+    """
 
     address: str
     root_cert: Path | None = None
-    _client: object = field(default=None, repr=False)
-
-    def client(self):
-        if self._client is None:
-            from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
-            from flwr.supercore.control.control_http_client import ControlHttpClient
-            from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
-
-            self._client = ControlHttpClient.from_server_address(
-                server_address=self.address, insecure=self.root_cert is None,
-                root_certificates=self.root_cert.read_bytes() if self.root_cert else None,
-                interceptors=[CliClientHttpInterceptor(), RuntimeVersionHttpInterceptor(component_name="flwr CLI")])
-        return self._client
+    timeout: float = 60.0     # per command; a SuperLink that does not answer in this is an error
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        """Nothing to release: every command carries its own connection."""
 
     def submit(self, run_config: dict, app_dir: Path = APP_DIR) -> int:
-        from flwr.cli.build import build_fab_from_disk
-        from flwr.common.serde import fab_to_proto, user_config_to_proto
-        from flwr.proto.control_pb2 import StartRunRequest
-        from flwr.supercore.fab import Fab
-
-        fab = build_fab_from_disk(app_dir)
-        response = self.client().StartRun(StartRunRequest(
-            fab=fab_to_proto(Fab(hashlib.sha256(fab).hexdigest(), fab, {})),
-            override_config=user_config_to_proto(run_config), federation=""))
-        if not response.HasField("run_id"):
-            raise FedrecError(f"the SuperLink refused the run: {response}")
-        return int(response.run_id)
+        """Start the app in `app_dir` with `run_config` (flat str/int/float/bool values) overriding
+        its defaults. The overrides travel as a TOML file, so any string or float arrives exactly."""
+        with self._home() as home:
+            overrides = home / "run-config.toml"
+            overrides.write_text(tomli_w.dumps(run_config))
+            reply = self._flwr(home, "run", str(Path(app_dir).resolve()), CONNECTION, "--run-config", str(overrides))
+        return int(_field(reply, "flwr run", "run-id"))
 
     def status(self, run_id: int) -> tuple[str, str, str]:
         """(status, sub_status, details), e.g. ('finished', 'completed', '')."""
-        from flwr.proto.control_pb2 import ListRunsRequest
-
-        run = self.client().ListRuns(ListRunsRequest(run_id=run_id)).run_dict[run_id]
-        return run.status.status, run.status.sub_status, run.status.details
+        with self._home() as home:
+            reply = self._flwr(home, "list", CONNECTION, "--run-id", str(run_id))
+        status, _, sub_status = _field(reply, "flwr list", "runs", 0, "status").partition(":")  # "finished:completed"
+        details = _field(reply, "flwr list", "runs", 0, "status-details")
+        return status, sub_status, "" if details == "N/A" else details
 
     def stop(self, run_id: int) -> bool:
-        from flwr.proto.control_pb2 import StopRunRequest
-
-        return bool(self.client().StopRun(StopRunRequest(run_id=run_id)).success)
+        """Whether the SuperLink stopped the run (False for one already finished or unknown)."""
+        with self._home() as home:
+            return bool(self._flwr(home, "stop", str(run_id), CONNECTION, check=False).get("success"))
 
     def logs(self, run_id: int, timeout: float = 10.0) -> str:
-        import threading
-
-        from flwr.proto.control_pb2 import StreamLogsRequest
-
-        out: list[str] = []
-
-        def pull():
+        """The run's log so far: streamed until the run ends or `timeout` seconds pass."""
+        with self._home() as home:
             try:
-                for part in self.client().StreamLogs(StreamLogsRequest(run_id=run_id, after_timestamp=0.0)):
-                    out.append(part.log_output)
-            except Exception:      # the stream ends with the run or with close()
-                pass
-
-        thread = threading.Thread(target=pull, daemon=True)
-        thread.start()
-        thread.join(timeout)
-        return "".join(out)
+                done = _run_flwr(home, ["log", str(run_id), CONNECTION, "--stream"], timeout)
+            except subprocess.TimeoutExpired as expired:    # a running run: what it logged until now
+                return _text(expired.stdout)
+        if done.returncode != 0:
+            raise FedrecError(f"`flwr log {run_id}` failed (SuperLink {self.address}): {_message(done)}")
+        return done.stdout
 
     def nodes(self) -> dict[int, str]:
         """Every node the SuperLink knows, by id, with its status ("registered", "online", …)."""
-        from flwr.proto.control_pb2 import ListNodesRequest
-
-        return {n.node_id: n.status for n in self.client().ListNodes(ListNodesRequest()).nodes_info}
+        with self._home() as home:
+            reply = self._flwr(home, "supernode", "list", CONNECTION, "--verbose")
+        return {int(_field(node, "flwr supernode list", "node-id")): _field(node, "flwr supernode list", "status")
+                for node in _field(reply, "flwr supernode list", "nodes")}
 
     def register_node(self, public_key: Path, name: str | None = None) -> int:
-        from cryptography.hazmat.primitives import serialization
-        from flwr.proto.control_pb2 import RegisterNodeRequest
-        from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+        with self._home() as home:
+            reply = self._flwr(home, "supernode", "register", str(Path(public_key).resolve()), CONNECTION,
+                               *(["--name", name] if name else []))
+        return int(_field(reply, "flwr supernode register", "node-id"))
 
-        key = serialization.load_ssh_public_key(public_key.read_bytes())
-        response = self.client().RegisterNode(RegisterNodeRequest(public_key=public_key_to_bytes(key), name=name))
-        return int(response.node_id)
+    @contextmanager
+    def _home(self) -> Iterator[Path]:
+        """A throwaway FLWR_HOME whose config.toml holds only the connection to this SuperLink."""
+        connection: dict[str, str | bool] = {"address": self.address}
+        if self.root_cert:
+            connection["root-certificates"] = str(Path(self.root_cert).resolve())
+        else:
+            connection["insecure"] = True
+        with tempfile.TemporaryDirectory(prefix="fedrec-flwr-") as home:
+            (Path(home) / "config.toml").write_text(
+                tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}}))
+            yield Path(home)
+
+    def _flwr(self, home: Path, *args: str, check: bool = True) -> dict:
+        """One `flwr ... --format json` command; its JSON reply. With `check`, a reply that is not
+        a success raises FedrecError carrying Flower's own message."""
+        what = f"`flwr {' '.join(args[:2] if args[0] == 'supernode' else args[:1])}`"
+        try:
+            done = _run_flwr(home, [*args, "--format", "json"], self.timeout)
+        except subprocess.TimeoutExpired:
+            raise FedrecError(f"{what} got no answer from the SuperLink at {self.address} "
+                              f"within {self.timeout:.0f}s") from None
+        try:
+            reply = json.loads(done.stdout)
+        except json.JSONDecodeError:
+            reply = None
+        if not isinstance(reply, dict):
+            raise FedrecError(f"{what} failed (SuperLink {self.address}, exit code {done.returncode}): "
+                              f"{_message(done)}")
+        if check and (done.returncode != 0 or not reply.get("success")):
+            raise FedrecError(f"{what} failed (SuperLink {self.address}): "
+                              f"{_flower_error(str(reply.get('error-message', done.stdout)))}")
+        return reply
+
+
+def _run_flwr(home: Path, args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """The `flwr` CLI with `home` as its FLWR_HOME and working folder (so no pyproject.toml
+    around the caller is taken for an app)."""
+    return subprocess.run([str(BIN / "flwr"), *args], capture_output=True, text=True, cwd=home,
+                          env=flower_env(home), stdin=subprocess.DEVNULL, timeout=timeout)
+
+
+def _field(reply, command: str, *path: str | int):
+    """`reply[path[0]][path[1]]...`, or an error naming the Flower version and the field that
+    changed: the JSON fields read here are part of fedrec's contract with Flower's CLI."""
+    value = reply
+    for key in path:
+        try:
+            value = value[key]
+        except (KeyError, IndexError, TypeError):
+            raise FedrecError(f"Flower {version('flwr')}: the JSON of `{command} --format json` has no "
+                              f"{'/'.join(map(str, path))!r} (reply: {json.dumps(reply)[:500]}); "
+                              "fedrec.federation.deployment.Control needs updating for this Flower") from None
+    return value
+
+
+def _text(output: str | bytes | None) -> str:
+    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
+
+
+def _flower_error(message: str) -> str:
+    """Flower's JSON error message on one line, without the progress lines it captured before it."""
+    lines = [line.strip() for line in message.splitlines()]
+    return " ".join(line for line in lines if line and not line.startswith(("Using SuperLink:", "Displaying ")))
+
+
+def _message(done: subprocess.CompletedProcess) -> str:
+    """What a failed command said: its error output, else its standard output."""
+    return (done.stderr.strip() or done.stdout.strip() or "no output")[-2000:]

@@ -1,40 +1,25 @@
-"""Start a federation: the server side (`fedrec server`), one region (`fedrec client`), or the
-whole thing on one machine (`fedrec simulate`: a SuperLink and one SuperNode per region as
-separate processes on loopback)."""
+"""Start a federation: the coordinator (`serve`, behind `fedrec server`), one region (`join`,
+behind `fedrec client`), or the whole thing on one machine (`simulate`, behind `fedrec simulate`:
+`serve` with every region joined alongside, each a separate process on loopback)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import Callable
 
 from tqdm.auto import tqdm
 
 from fedrec.config import FedrecConfig
 from fedrec.errors import FedrecError
-from fedrec.federation.certs import create_dev_pki
+from fedrec.federation.certs import ServerTLS, create_dev_pki
 from fedrec.federation.deployment import Control, Process, free_port, start_superlink, start_supernode
-from fedrec.federation.region import default_state_dir
+from fedrec.federation.region import RegionSettings, default_state_dir
 from fedrec.privacy.budget import RegionBudget
-
-
-@dataclass
-class RegionNode:
-    """What a region's operator decides: where its data is, where its records go, its budget."""
-
-    region: str
-    data: Path
-    state_dir: Path
-    budget: RegionBudget
-
-    def node_config(self) -> dict:
-        b = self.budget
-        return {"region": self.region, "data": str(self.data.resolve()), "state_dir": str(self.state_dir.resolve()),
-                "dp": b.enabled, "epsilon": b.epsilon, "delta": b.delta, "max_grad_norm": b.max_grad_norm,
-                "noise_multiplier": b.noise_multiplier, "accountant": b.accountant}
+from fedrec.training.objective import can_train
 
 
 def run_config(config: FedrecConfig, run_dir: Path, resume: bool) -> dict:
@@ -48,8 +33,9 @@ def run_config(config: FedrecConfig, run_dir: Path, resume: bool) -> dict:
 
 
 def follow(control: Control, run_id: int, run_dir: Path, rounds: int,
-           echo: Callable[[str], None] = print, poll: float = 2.0) -> list[dict]:
-    """Progress bar over rounds with per-region metrics, until the Flower run finishes."""
+           echo: Callable[[str], None] = print, poll: float = 10.0) -> list[dict]:
+    """Progress bar over rounds with per-region metrics, until the Flower run finishes. Each
+    status check is a `flwr list` process (about 2 s of CPU), hence the slow poll."""
     metrics = run_dir / "metrics.json"
     shown = 0
     with tqdm(total=rounds, desc="rounds", unit="round") as bar:
@@ -90,32 +76,82 @@ def submit_and_follow(control: Control, config: FedrecConfig, run_dir: Path, res
         raise
 
 
+def serve(config: FedrecConfig, run_dir: Path, *, listen: str = "127.0.0.1:8000", superlink: str | None = None,
+          tls: ServerTLS | None = None, auth: bool = False, register: Sequence[Path] = (), resume: bool = False,
+          echo: Callable[[str], None] = print,
+          alongside: Callable[[str], AbstractContextManager] = lambda address: nullcontext()) -> list[dict]:
+    """Coordinate one run: start a SuperLink on `listen` (or attach to the one at `superlink`),
+    register node keys, submit the run and follow it to the end; returns its round history.
+    `alongside(address)` is entered once the SuperLink is up and left before it stops (simulate
+    joins its regions there)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    address = superlink or listen
+    process = None
+    control = Control(address, tls.ca if tls else None)
+    try:
+        if superlink is None:
+            process = start_superlink(listen, run_dir / "superlink", tls, auth)
+            echo(f"SuperLink listening on {listen} ({'TLS' if tls else 'insecure'}"
+                 f"{', node authentication' if auth else ''}); log {process.log}")
+        for key in register:
+            echo(f"registered {key} as node {control.register_node(key)}")
+        with alongside(address):
+            return submit_and_follow(control, config, run_dir, resume, echo)
+    finally:
+        control.close()
+        if process is not None:
+            process.stop()
+
+
+def join(node: RegionSettings, superlink: str, root_cert: Path | None = None, auth_key: Path | None = None,
+         echo: Callable[[str], None] = print, connected_within: float | None = 120.0) -> Process:
+    """One region joins the federation as a SuperNode. Its budget is checked against its own data
+    first (δ below 1/users), so nothing starts for a budget that could not hold. Returns the
+    running SuperNode, once connected (or at once, with `connected_within=None`)."""
+    users = sum(can_train(u) for u in node.silo().users)
+    node.budget.validate(users)
+    process = start_supernode(f"supernode-{node.region}", superlink, node.node_config(), Path(node.state_dir),
+                              root_cert, auth_key, wait=False)
+    budget = node.budget
+    echo(f"region {node.region}: {users} users, "
+         f"{f'DP ε={budget.epsilon:g} δ={budget.delta:g}' if budget.enabled else 'NO DP'}; SuperNode log {process.log}")
+    if connected_within is not None:
+        try:
+            process.wait_for("SuperNode ID:", connected_within)
+        except BaseException:
+            process.stop()
+            raise
+    return process
+
+
 def simulate(data_root: Path, regions: list[str], run_dir: Path, config: FedrecConfig,
              budgets: dict[str, RegionBudget], tls: bool = True, resume: bool = False,
              echo: Callable[[str], None] = print, state_root: Path | None = None) -> list[dict]:
-    """The whole federation on one machine: separate processes talking over loopback. Each
-    region keeps its records where `fedrec client` would (beside its data), or under
-    `state_root`/<region>."""
-    run_dir = run_dir.resolve()
+    """The whole federation on one machine: `serve` on a free loopback port with every region
+    joined alongside, each a separate process. Each region keeps its records where `fedrec
+    client` would (beside its data), or under `state_root`/<region>."""
+    run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     config = dataclasses.replace(config, federation=dataclasses.replace(
         config.federation, catalog=str(Path(data_root) / "catalog.parquet")))
     pki = create_dev_pki(run_dir / "certs") if tls else None
-    address = f"127.0.0.1:{free_port()}"
-    processes: list[Process] = []
-    control = Control(address, pki.ca if pki else None)
-    try:
-        processes.append(start_superlink(address, run_dir / "superlink", pki))
-        for region in regions:
-            state_dir = state_root / region if state_root else default_state_dir(data_root / region)
-            node = RegionNode(region, data_root / region, state_dir, budgets[region])
-            processes.append(start_supernode(f"supernode-{region}", address, node.node_config(),
-                                             node.state_dir, pki.ca if pki else None, wait=False))
-        for process in processes[1:]:
-            process.wait_for("SuperNode ID:", 120)
-        echo(f"SuperLink on {address} ({'TLS' if pki else 'insecure'}); regions {', '.join(regions)}")
-        return submit_and_follow(control, config, run_dir, resume, echo)
-    finally:
-        control.close()
-        for process in reversed(processes):
-            process.stop()
+
+    @contextmanager
+    def regions_joined(address: str) -> Iterator[None]:
+        joined: list[Process] = []
+        try:
+            for region in regions:
+                state_dir = state_root / region if state_root else default_state_dir(data_root / region)
+                node = RegionSettings(region, str(data_root / region), str(state_dir), budgets[region])
+                joined.append(join(node, address, pki.ca if pki else None, echo=lambda _: None, connected_within=None))
+            for process in joined:
+                process.wait_for("SuperNode ID:", 120)
+            echo(f"SuperLink on {address} ({'TLS' if pki else 'insecure'}); regions {', '.join(regions)}")
+            yield
+        finally:
+            for process in reversed(joined):
+                process.stop()
+
+    return serve(config, run_dir, listen=f"127.0.0.1:{free_port()}", tls=pki, resume=resume,
+                 echo=echo, alongside=regions_joined)

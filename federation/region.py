@@ -15,17 +15,17 @@ import torch
 
 from fedrec.atomic import atomic_file
 from fedrec.config import FedrecConfig
-from fedrec.data.silo import Silo, load_silo
+from fedrec.data.silo import Silo, UserRecord, load_silo
 from fedrec.errors import FedrecError
 from fedrec.faults import freeze_point
 from fedrec.evaluation.evaluate import evaluate_ranker
 from fedrec.evaluation.rankers import TeacherRanker
 from fedrec.model.teacher import Teacher, initial_tower_state, pick_device, save_checkpoint
 from fedrec.privacy.budget import RegionBudget
-from fedrec.privacy.dp_sgd import train_private
+from fedrec.privacy.dp_sgd import DPPlan, train_private
 from fedrec.privacy.claims import PrivacyClaim
 from fedrec.privacy.spend import RegionPrivacy
-from fedrec.training.objective import RetrievalObjective, can_train
+from fedrec.training.objective import RetrievalObjective, can_train, query_vectors
 from fedrec.training.trainer import make_optimizer, train_epochs
 
 State = dict[str, np.ndarray]
@@ -39,12 +39,17 @@ def default_state_dir(silo_dir: str | Path) -> Path:
 
 @dataclass
 class RegionSettings:
-    """Set by the region's operator (node config), never by the server."""
+    """Set by the region's operator (its SuperNode's node config), never by the server."""
 
     region: str
     data: str                       # the region's silo folder (OUT/<region> of `fedrec data prepare`)
     state_dir: str                  # the region's own records: ledger, copies of sent updates
     budget: RegionBudget
+
+    def node_config(self) -> dict:
+        """What the region's SuperNode is started with (`from_node_config` reads it back)."""
+        return {"region": self.region, "data": str(Path(self.data).resolve()),
+                "state_dir": str(Path(self.state_dir).resolve()), **self.budget.node_config()}
 
     @classmethod
     def from_node_config(cls, node_config: dict) -> "RegionSettings":
@@ -83,7 +88,8 @@ def proximal_term(teacher: Teacher, anchor: State, mu: float):
 
 def train_round(settings: RegionSettings, config: FedrecConfig, adapters: State,
                 server_round: int, run: str, catalog_fingerprint: str) -> RoundResult:
-    """One local round; under DP the ledger entry is fsync'd before this returns the update.
+    """One local round; under DP the round runs inside `RegionPrivacy.round`, so its ledger
+    entry is fsync'd before the update (with the claim only that entry gives) is returned.
     `catalog_fingerprint` is the coordinator's catalog: item vectors are rows of it, so a region
     with another catalog must not train."""
     silo = settings.silo()
@@ -91,47 +97,49 @@ def train_round(settings: RegionSettings, config: FedrecConfig, adapters: State,
         raise FedrecError(f"region {settings.region}: its catalog ({silo.catalog.fingerprint[:12]}…) is not the "
                           f"coordinator's ({catalog_fingerprint[:12]}…)",
                           hint="Prepare every region's silo from the same public catalog as the server's --catalog.")
-    if not settings.budget.enabled:
-        return _train_round(settings, silo, config, adapters, server_round, run, None)
-    privacy = RegionPrivacy(settings.region, settings.budget, settings.state_dir)
-    with privacy.exclusive(timeout=config.federation.round_timeout):     # the server waits no longer
-        return _train_round(settings, silo, config, adapters, server_round, run, privacy)
-
-
-def _train_round(settings: RegionSettings, silo: Silo, config: FedrecConfig, adapters: State, server_round: int,
-                 run: str, privacy: RegionPrivacy | None) -> RoundResult:
     started = time.perf_counter()
     users = [u for u in silo.users if can_train(u)]
-    fed, budget = config.federation, settings.budget
+    fed, label = config.federation, f"{settings.region} round {server_round}"
+    info: dict = {"region": settings.region, "dp": settings.budget.enabled}
+    if not settings.budget.enabled:
+        teacher, loss = local_training(settings, silo, config, adapters, server_round, users, None)
+    else:
+        privacy = RegionPrivacy(settings.region, settings.budget, settings.state_dir)
+        with privacy.round(len(users), config.train.batch_size, fed.local_epochs, fed.rounds, run, server_round,
+                           timeout=fed.round_timeout) as spend:           # the server waits no longer
+            info["epsilon"] = spend.decision.spent_epsilon
+            if not spend.allowed:
+                return RoundResult("declined", None, {"num_examples": 0}, {**info, "reason": spend.decision.reason})
+            teacher, loss = local_training(settings, silo, config, adapters, server_round, users, spend.plan)
+        info.update(spend.claim().to_json(), noise_multiplier=spend.entry.noise_multiplier)
+        freeze_point("after-ledger", label)
+    new_adapters = teacher.adapter_state()
+    keep_sent_update(settings, run, server_round, new_adapters, len(users))
+    metrics = {"num_examples": len(users), "train_seconds": time.perf_counter() - started}
+    if loss is not None:            # under DP the loss on sampled users is private: it stays here
+        metrics["train_loss"] = loss
+    return RoundResult("trained", new_adapters, metrics, info)
+
+
+def local_training(settings: RegionSettings, silo: Silo, config: FedrecConfig, adapters: State, server_round: int,
+                   users: list[UserRecord], plan: DPPlan | None) -> tuple[Teacher, float | None]:
+    """The tower trained on the region's users from the global adapters: DP-SGD on `plan`, or
+    without DP when there is none (then with its training loss)."""
+    fed = config.federation
     seed = config.train.seed + 1000 * server_round + zlib.crc32(settings.region.encode())   # DP draws its own
     torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    info: dict = {"region": settings.region, "dp": budget.enabled}
-    if privacy:
-        decision = privacy.plan_round(len(users), config.train.batch_size, fed.local_epochs, fed.rounds, run)
-        info.update(epsilon=decision.spent_epsilon)
-        if not decision.allowed:
-            return RoundResult("declined", None, {"num_examples": 0}, {**info, "reason": decision.reason})
-
     label = f"{settings.region} round {server_round}"
     freeze_point("before-training", label)
     teacher = build_teacher(config, adapters, silo, settings)
     objective = RetrievalObjective(teacher.tower)
+    queries = query_vectors(teacher, users)        # the region's searches: encoded here, never sent
     regulariser = proximal_term(teacher, adapters, fed.proximal_mu) if fed.strategy == "fedprox" else None
-    if privacy:
-        train_private(objective, users, config.train, decision.plan, label, regulariser)
-        entry = privacy.record(decision, server_round)
-        info.update(PrivacyClaim.of_entry(entry).to_json(), noise_multiplier=entry.noise_multiplier)
-        freeze_point("after-ledger", label)
-    else:
-        loss = train_epochs(objective, make_optimizer(objective, config.train), users, config.train,
-                            fed.local_epochs, rng, label, regulariser)[-1]
-    new_adapters = teacher.adapter_state()
-    keep_sent_update(settings, run, server_round, new_adapters, len(users))
-    metrics = {"num_examples": len(users), "train_seconds": time.perf_counter() - started}
-    if not privacy:                 # under DP the loss on sampled users is private: it stays here
-        metrics["train_loss"] = float(loss)
-    return RoundResult("trained", new_adapters, metrics, info)
+    if plan is not None:
+        train_private(objective, users, config.train, plan, label, regulariser, queries=queries)
+        return teacher, None
+    losses = train_epochs(objective, make_optimizer(objective, config.train), users, config.train,
+                          fed.local_epochs, np.random.default_rng(seed), label, regulariser, queries=queries)
+    return teacher, float(losses[-1])
 
 
 def evaluate_round(settings: RegionSettings, config: FedrecConfig, adapters: State,

@@ -150,10 +150,21 @@ class Tower(torch.nn.Module):
         """Users from catalog positions (B × L; padded positions are masked out)."""
         return self.pool(self.items(history), self.text[history], ages, mask)
 
-    def scores(self, users: torch.Tensor) -> torch.Tensor:
-        """B × N catalog scores, written so autograd never forms a per-row copy of W·t."""
+    def query_users(self, text: torch.Tensor) -> torch.Tensor:
+        """Users for search: each query (B × text_dim, centred unit text vectors) is a one-item
+        history whose item is its text (no catalog id)."""
+        vectors = (text @ self.text_adapter.T)[:, None, :]
+        one = torch.ones_like(text[:, :1], dtype=torch.long)        # shapes from the input: ONNX export keeps them dynamic
+        return self.pool(vectors, text[:, None, :], one * self.query_age, one > 0)
+
+    def scores(self, users: torch.Tensor, behaviour: torch.Tensor | None = None) -> torch.Tensor:
+        """B × N catalog scores, written so autograd never forms a per-row copy of W·t.
+        `behaviour` (B × 1) weighs each row's behavioural part (u and the item bias) against its
+        text profile, as search does (`Teacher.search_rows`); None: 1."""
         user, profile = users[:, :self.config.dim], users[:, self.config.dim:]
         out = self.item_bias.expand(len(users), -1)
+        if behaviour is not None:
+            user, out = behaviour * user, behaviour * out
         if self.config.item_text:
             out = out + (user @ self.text_adapter + self.text_weight * profile) @ self.text.T / self.config.temperature
         if self.config.item_ids:
@@ -227,10 +238,7 @@ class Teacher(torch.nn.Module):
     def query_users(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Users for search: a query is a one-item history whose item is its text (no catalog id).
         `embeddings` are the encoder's (or a student's) unit-length text embeddings."""
-        text = self.text_vectors(embeddings)
-        vectors = (text @ self.tower.text_adapter.T)[:, None, :]
-        one = torch.ones_like(text[:, :1], dtype=torch.long)        # shapes from the input: ONNX export keeps them dynamic
-        return self.tower.pool(vectors, text[:, None, :], one * self.tower.query_age, one > 0)
+        return self.tower.query_users(self.text_vectors(embeddings))
 
     def use_text_encoder(self, encoder: TextEncoder) -> None:
         """Re-encode the catalog's item texts with another encoder (a student): what a bundle does

@@ -18,6 +18,11 @@ class RegionBudget:
     accountant: str = "prv"
     enabled: bool = True                # False only when the region asked for --no-dp
 
+    def node_config(self) -> dict:
+        """The budget as the region's SuperNode carries it (`from_node_config` reads it back)."""
+        return {"dp": self.enabled, "epsilon": self.epsilon, "delta": self.delta, "max_grad_norm": self.max_grad_norm,
+                "noise_multiplier": self.noise_multiplier, "accountant": self.accountant}
+
     @classmethod
     def from_node_config(cls, node_config: dict) -> "RegionBudget":
         def number(key: str, default: float) -> float:

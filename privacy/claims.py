@@ -13,6 +13,7 @@ from fedrec.privacy.ledger import LedgerEntry, line_hash
 
 
 KINDS = {"float": (float, "a finite number"), "int": (int, "a whole number"), "str": (str, "a string")}
+CLAIM_SCHEMA = 1        # written in every claim; a claim without it predates the field and is version 1
 
 
 class ClaimError(FedrecError):
@@ -36,13 +37,16 @@ class PrivacyClaim:
                    entry.round, line_hash(entry.line()), entry.public_key)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return {"schema": CLAIM_SCHEMA, **asdict(self)}
 
     @classmethod
     def parse(cls, value: object, where: str) -> "PrivacyClaim":
         """From JSON, with every field present and of its type; `where` names it in errors."""
         if not isinstance(value, dict):
             raise ClaimError(f"{where}: a claim must be an object, got {type(value).__name__}")
+        if value.get("schema", CLAIM_SCHEMA) != CLAIM_SCHEMA:
+            raise ClaimError(f"{where}: claim schema {value['schema']!r}, this fedrec reads {CLAIM_SCHEMA}",
+                             hint="Audit it with the fedrec version that wrote it.")
         values = {}
         for field in fields(cls):
             kind, what = KINDS[field.type]

@@ -24,11 +24,11 @@ from fedrec.config import TrainConfig
 from fedrec.data.silo import UserRecord
 from fedrec.errors import FedrecError
 from fedrec.faults import freeze_point
-from fedrec.training.objective import RetrievalObjective, batch_inputs, sample_example
+from fedrec.training.objective import QueryVectors, RetrievalObjective, batch_inputs, sample_example
 from fedrec.training.trainer import make_optimizer
 
 MAX_SAMPLE_RATE = 0.25      # above this, subsampling barely amplifies privacy: take more, smaller steps
-INPUTS = ("history", "ages", "mask", "targets", "target_mask")
+INPUTS = ("history", "ages", "mask", "targets", "target_weights", "query", "is_query")
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,11 @@ def round_shape(users: int, batch_size: int, local_epochs: float) -> tuple[float
     return sample_rate, max(1, round(local_epochs * math.ceil(1 / sample_rate)))
 
 
+def poisson_sample(rng: np.random.Generator, users: int, sample_rate: float) -> np.ndarray:
+    """Each user independently with probability q: the sampling the accountant assumes."""
+    return np.flatnonzero(rng.random(users) < sample_rate)
+
+
 def per_user_gradients(objective: RetrievalObjective, inputs: dict[str, torch.Tensor],
                        chunk_size: int | None = None) -> dict[str, torch.Tensor]:
     """Each parameter's gradient for each row of `inputs` (B × parameter shape), each row computed
@@ -68,7 +73,9 @@ def per_user_gradients(objective: RetrievalObjective, inputs: dict[str, torch.Te
 
 def train_private(objective: RetrievalObjective, users: list[UserRecord], cfg: TrainConfig,
                   plan: DPPlan, desc: str = "dp-sgd",
-                  regulariser: Callable[[], torch.Tensor] | None = None) -> None:
+                  regulariser: Callable[[], torch.Tensor] | None = None, *,
+                  queries: QueryVectors | None = None,
+                  sampler: Callable[[np.random.Generator, int, float], np.ndarray] = poisson_sample) -> None:
     """Runs `plan.steps` DP-SGD steps on the objective's tower.
 
     User sampling, example choice and noise all come from fresh OS entropy, never from a configured
@@ -76,6 +83,10 @@ def train_private(objective: RetrievalObjective, users: list[UserRecord], cfg: T
     accountant assumes they do not. Nothing computed from the sampled users (not even their loss)
     is returned: only the noised parameters leave this function.
     `regulariser` (FedProx) is data-independent, so its gradient is added after the noise.
+    `queries` holds the text vectors of the users' searches (`query_vectors`): a sampled user's one
+    example is one of their baskets or one of their searches.
+    `sampler` picks each step's users; the accountant assumes Poisson sampling, the default, and
+    only the empirical audit's broken-sampler control passes another.
     """
     if len(users) != plan.users:
         raise FedrecError(f"plan is for {plan.users} users but {len(users)} were given")
@@ -98,10 +109,10 @@ def train_private(objective: RetrievalObjective, users: list[UserRecord], cfg: T
     for step in bar:
         if step == plan.steps // 2:
             freeze_point("mid-training", desc)
-        chosen = np.flatnonzero(rng.random(plan.users) < plan.sample_rate)
+        chosen = sampler(rng, plan.users, plan.sample_rate)
         optimizer.zero_grad(set_to_none=True)
         if len(chosen):
-            examples = [sample_example(users[i], rng) for i in chosen]
+            examples = [sample_example(users[i], rng, queries) for i in chosen]
             grads = per_user_gradients(objective, batch_inputs(examples, history_items, cfg.max_targets, rng, device))
         else:   # an empty Poisson batch still releases noise and still counts
             grads = {name: torch.zeros((0, *p.shape), dtype=p.dtype, device=device) for name, p in named.items()}

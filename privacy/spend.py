@@ -1,7 +1,9 @@
 """The region's side of every round: may it spend, how much, and the ledger entry that records it.
 
 Order in a round: plan (decline if the projected cumulative ε would pass the budget) → train →
-`record` (ledger entry signed and fsync'd) → only then may the update leave the region.
+record (ledger entry signed and fsync'd) → only then may the update leave the region.
+`RegionPrivacy.round` is that order as one block: the lock held throughout, the entry written
+when the block ends cleanly, and the claim an update travels with readable only after it.
 
 The ledger belongs to the region's data, not to a run: every run on the same users (federated,
 simulated or local) composes into it, and the budget is the data's lifetime budget.
@@ -10,12 +12,15 @@ simulated or local) composes into it, and the budget is the data's lifetime budg
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedrec.errors import FedrecError
 from fedrec.privacy.accountant import noise_for_budget, opacus_epsilon
 from fedrec.privacy.budget import RegionBudget
+from fedrec.privacy.claims import PrivacyClaim
 from fedrec.privacy.dp_sgd import DPPlan, round_shape
 from fedrec.privacy.ledger import LEDGER_FILE, Ledger, LedgerEntry
 from fedrec.privacy.signing import SigningKey
@@ -38,6 +43,31 @@ class SpendDecision:
     projected_epsilon: float        # cumulative ε after it, if it runs
     run: str
     reason: str = ""
+
+
+@dataclass
+class RoundSpend:
+    """One round's spend inside `RegionPrivacy.round`: what was decided, and once the block has
+    ended cleanly, the entry that records it."""
+
+    decision: SpendDecision
+    entry: LedgerEntry | None = None
+
+    @property
+    def allowed(self) -> bool:
+        return self.decision.allowed
+
+    @property
+    def plan(self) -> DPPlan:
+        if self.decision.plan is None or not self.allowed:
+            raise FedrecError(f"this round was declined: {self.decision.reason}")
+        return self.decision.plan
+
+    def claim(self) -> PrivacyClaim:
+        """What the update carries; there is none before the entry is on disk."""
+        if self.entry is None:
+            raise FedrecError("the spend is recorded when the round's block ends: release the update after it")
+        return PrivacyClaim.of_entry(self.entry)
 
 
 class RegionPrivacy:
@@ -93,6 +123,19 @@ class RegionPrivacy:
                                  f"region {self.region} declines: this round would bring its ε from "
                                  f"{spent:.3f} to {projected:.3f}, over its budget {self.budget.epsilon:g}")
         return SpendDecision(True, plan, spent, projected, run)
+
+    @contextmanager
+    def round(self, users: int, batch_size: int, local_epochs: float, planned_rounds: int, run: str,
+              server_round: int, timeout: float | None = None) -> Iterator[RoundSpend]:
+        """The privacy protocol of one round: hold the ledger's lock, plan, let the caller train
+        on `spend.plan` (unless `spend.allowed` is false), and when the block ends cleanly record
+        the spend, signed and fsync'd, before `spend.claim()` can be read. A block that raises
+        records nothing: it released nothing."""
+        with self.exclusive(timeout):
+            spend = RoundSpend(self.plan_round(users, batch_size, local_epochs, planned_rounds, run))
+            yield spend
+            if spend.allowed:
+                spend.entry = self.record(spend.decision, server_round)
 
     def record(self, decision: SpendDecision, server_round: int) -> LedgerEntry:
         """Append, sign and fsync the spend; call before the update leaves the region."""

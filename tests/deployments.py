@@ -9,7 +9,7 @@ from pathlib import Path
 from fedrec.config import FedrecConfig
 from fedrec.federation.certs import create_dev_pki
 from fedrec.federation.deployment import Control, free_port, start_superlink, start_supernode
-from fedrec.federation.launch import RegionNode
+from fedrec.federation.region import RegionSettings
 from fedrec.privacy.budget import RegionBudget
 
 REGIONS = ["eu", "row", "uk"]
@@ -23,13 +23,15 @@ def tiny_config(tiny_encoder, prepared: Path, **federation) -> FedrecConfig:
     return FedrecConfig.from_flat(values)
 
 
-def wait_until(condition, timeout: float, what: str):
+def wait_until(condition, timeout: float, what: str, every: float = 0.5):
+    """Poll `condition` every `every` s; a condition that asks the SuperLink (a `flwr` command,
+    about a second of CPU) should poll every few seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
-        time.sleep(0.5)
+        time.sleep(every)
     raise AssertionError(f"timed out waiting for {what}")
 
 
@@ -56,10 +58,10 @@ class Deployment:
                      budget: RegionBudget | None = None, env: dict[str, str] | None = None,
                      root_cert: Path | None = None):
         """`data` names the prepared silo to serve (default: the region's own)."""
-        node = RegionNode(region, self.prepared / (data or region), self.root / "regions" / region,
-                          budget or RegionBudget(enabled=False))
+        node = RegionSettings(region, str(self.prepared / (data or region)), str(self.root / "regions" / region),
+                              budget or RegionBudget(enabled=False))
         self.nodes[region] = start_supernode(f"supernode-{region}", self.address, node.node_config(),
-                                             node.state_dir, root_cert or (self.pki.ca if self.pki else None),
+                                             Path(node.state_dir), root_cert or (self.pki.ca if self.pki else None),
                                              auth_key, wait=wait, env=env)
         return self.nodes[region]
 

@@ -25,6 +25,7 @@ from fedrec.privacy.budget import RegionBudget
 from fedrec.privacy.claims import PrivacyClaim
 from fedrec.privacy.ledger import GENESIS, LedgerEntry, line_hash
 from fedrec.privacy.signing import SigningKey, read_public_key
+from fedrec.errors import FedrecError
 from fedrec.privacy.spend import RegionPrivacy, segments
 from fedrec.privacy.status import region_status
 
@@ -128,7 +129,7 @@ def claims_of(data: dict) -> dict:
 
 
 @pytest.mark.parametrize("probe", ["stale head", "delta and budget", "not a claim file", "region removed",
-                                   "key replaced"])
+                                   "newer schema", "key replaced"])
 def test_claims_that_under_report_fail_the_audit_with_a_named_reason(one_run, tmp_path, probe):
     run, states = one_run
     teacher_json = tmp_path / "run" / "final" / "teacher.json"
@@ -148,6 +149,10 @@ def test_claims_that_under_report_fail_the_audit_with_a_named_reason(one_run, tm
     elif probe == "region removed":
         edit_json(teacher_json, lambda d: {**d, "privacy": {"row": d["privacy"]["row"]}})
         expected = "teacher.json: no claim for region eu"
+    elif probe == "newer schema":          # a claim this fedrec cannot read is not taken as read
+        assert PrivacyClaim.parse(older, "round trip") == PrivacyClaim.of_entry(eu_entries[1]) and older["schema"] == 1
+        edit_json(teacher_json, lambda d: {**d, "privacy": {**d["privacy"], "eu": {**d["privacy"]["eu"], "schema": 2}}})
+        expected = "claim schema 2, this fedrec reads 1"
     else:                                  # a claim naming another key than the one that signed
         other = SigningKey.load_or_create(tmp_path / "other").public_hex
         edit_json(privacy_json, lambda d: {**d, "claims": {**d["claims"], "eu": {**d["claims"]["eu"], "public_key": other}}})
@@ -264,3 +269,25 @@ def test_train_dp_spends_from_the_regions_ledger_and_its_checkpoint_audits(tiny_
     assert claim["epsilon"] == entries[-1].epsilon and claim["run"] == entries[-1].run
     refused = subprocess.run(command[:-4] + ["--regions", "all", "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert refused.returncode == 2 and "--dp trains one region's data" in refused.stderr
+
+
+def test_a_round_records_its_spend_when_it_ends_cleanly_and_its_claim_only_after(tmp_path):
+    """`RegionPrivacy.round` is the protocol: plan under the lock, train, entry on clean exit."""
+    privacy = RegionPrivacy("eu", RegionBudget(epsilon=8.0, delta=1e-5), tmp_path / "state")
+    with pytest.raises(RuntimeError, match="training failed"):
+        with privacy.round(USERS, BATCH, 1.0, 3, "run-a", 1) as spend:
+            assert spend.allowed and spend.plan.users == USERS
+            with pytest.raises(FedrecError, match="release the update after it"):
+                spend.claim()
+            raise RuntimeError("training failed")       # nothing was released: nothing is recorded
+    assert privacy.ledger.entries() == []
+    with privacy.round(USERS, BATCH, 1.0, 3, "run-a", 1) as spend:
+        pass
+    [entry] = privacy.ledger.entries()
+    assert spend.claim() == PrivacyClaim.of_entry(entry) and (entry.run, entry.round) == ("run-a", 1)
+    smaller = RegionPrivacy("eu", RegionBudget(epsilon=entry.epsilon / 2, delta=1e-5), tmp_path / "state")
+    with smaller.round(USERS, BATCH, 1.0, 3, "run-b", 1) as declined:
+        assert not declined.allowed and "declines" in declined.decision.reason
+    assert len(privacy.ledger.entries()) == 1
+    with pytest.raises(FedrecError, match="declined"):
+        declined.plan

@@ -14,7 +14,7 @@ from tokenizers import Tokenizer
 from fedrec.config import FedrecConfig
 from fedrec.data.silo import Catalog
 from fedrec.distill.distill import PUBLIC_INPUTS, agreement, distill, public_texts
-from fedrec.distill.student import Student, StudentConfig
+from fedrec.model.student import Student, StudentConfig
 from fedrec.distill.vocab import prune_vocabulary
 from fedrec.model.teacher import Teacher
 from fedrec.privacy.audit import audit

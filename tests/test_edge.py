@@ -29,7 +29,7 @@ from fedrec.data.silo import Catalog
 from fedrec.distill.distill import distill
 from fedrec.evaluation.search import title_fragment
 from fedrec.edge_runtime import BundleError, EdgeModel, open_bundle, verify_bundle
-from fedrec.edge_runtime.bundle import digest_line, sha256_file
+from fedrec.edge_runtime.bundle import FORMAT_VERSION, digest_line, sha256_file
 from fedrec.edge_runtime.server import make_server
 from fedrec.errors import FedrecError
 from fedrec.export.bundle import export_bundle
@@ -101,7 +101,7 @@ def histories(catalog, n=60, seed=5):
 
 
 def test_both_onnx_graphs_match_torch_and_int8_stays_close(teacher_dir, student_dir, bundle, catalog):
-    from fedrec.distill.student import Student
+    from fedrec.model.student import Student
 
     teacher = Teacher.load(teacher_dir, catalog)
     users = teacher.user_matrix(teacher.encode_histories(histories(catalog))).numpy()
@@ -174,7 +174,8 @@ def test_manifest_describes_the_bundle(bundle, teacher_dir, catalog):
     manifest = verify_bundle(bundle)
     assert manifest.model.kind == "student" and manifest.source == "student", "a name, not the builder's path"
     assert set(manifest.files) == {"user_tower.fp32.onnx", "user_tower.int8.onnx", "query_encoder.fp32.onnx",
-                                   "query_encoder.int8.onnx", "tokenizer.json", "items.npy", "items.json"}
+                                   "query_encoder.int8.onnx", "tokenizer.json", "items.npy", "items.json",
+                                   "lexical.json", "lexical.data.npy", "lexical.indices.npy", "lexical.indptr.npy"}
     teacher = Teacher.load(teacher_dir, catalog)
     np.testing.assert_allclose(np.load(bundle / "items.npy"), teacher.item_matrix().numpy(), rtol=1e-6)
     assert manifest.model.parameters["tower"] == teacher.parameter_counts()["tower"]
@@ -285,7 +286,7 @@ def test_a_rewritten_manifest_with_its_digest_still_opens_and_serves(bundle, tmp
 
 def test_archives_are_verified_and_cannot_escape(bundle, tmp_path):
     folder, manifest = open_bundle(bundle.with_name("bundle.tar.gz"), tmp_path / "unpacked")
-    assert manifest.format_version == 3 and verify_bundle(folder) == manifest
+    assert manifest.format_version == FORMAT_VERSION and verify_bundle(folder) == manifest
     truncated = tmp_path / "truncated.tar.gz"
     truncated.write_bytes(bundle.with_name("bundle.tar.gz").read_bytes()[:2000])
     with pytest.raises(BundleError, match="not a readable"):
@@ -341,8 +342,9 @@ def test_archives_leave_no_temporary_folder_and_unlisted_bytes_are_never_written
 
 TORCH_FREE = """
 import sys, json, threading, urllib.request
-for name in ("torch", "transformers", "flwr", "opacus", "peft"):
-    sys.modules[name] = None          # importing any of these now fails
+for name in ("torch", "transformers", "flwr", "opacus", "pandas", "pyarrow", "typer", "scipy", "bm25s", "tqdm"):
+    sys.modules[name] = None          # importing any of these now fails: none is in `fedrec[edge]`
+import fedrec.edge_runtime.cli        # `fedrec-edge`
 from fedrec.edge_runtime import EdgeModel
 from fedrec.edge_runtime.server import make_server
 server = make_server(EdgeModel(sys.argv[1]), "127.0.0.1", 0)
@@ -356,7 +358,7 @@ server.shutdown()
 """
 
 
-def test_runtime_imports_and_serves_without_torch(bundle):
+def test_runtime_and_fedrec_edge_import_and_serve_without_torch_pandas_or_typer(bundle):
     result = subprocess.run([sys.executable, "-c", TORCH_FREE, str(bundle)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     payload = json.loads(result.stdout)
@@ -529,10 +531,10 @@ class Rendezvous(EdgeModel):
     """Inference that waits inside the model until a second one is in there too."""
     inside, both = threading.Event(), threading.Barrier(2, timeout=10)
 
-    def search_batch(self, queries, k=10):
+    def search_batch(self, queries, k=10, mode="hybrid"):
         self.inside.set()
         self.both.wait()
-        return super().search_batch(queries, k)
+        return super().search_batch(queries, k, mode)
 
     def recommend_batch(self, histories, k=10, exclude_history=True, ages=None):
         self.both.wait()

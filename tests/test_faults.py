@@ -57,7 +57,7 @@ def test_regions_killed_or_hung_at_each_stage_never_undercount(tiny_encoder, pre
         wait_until(lambda: rounds_done(run_dir) == [1], 2 * TIMEOUT + 60, "round 1 to time out on v-hang")
         assert deployment.nodes["v-hang"].alive(), "the hung region was never killed"
         markers["v-hang"].unlink()                           # it wakes up, answers round 1 late
-        wait_until(lambda: control.status(run_id)[0] == "finished", 300, "the run to finish")
+        wait_until(lambda: control.status(run_id)[0] == "finished", 300, "the run to finish", every=5)
         logs = control.logs(run_id)
         assert control.status(run_id)[1] == "completed", logs
         assert all(f"region {name} dropped" in logs for name in VICTIMS)

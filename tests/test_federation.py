@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +17,8 @@ from deployments import REGIONS, Deployment, rounds_done, tiny_config, wait_unti
 from fedrec.data.silo import load_silo
 from fedrec.federation.certs import create_dev_pki, create_node_key
 from fedrec.federation.deployment import start_supernode
-from fedrec.federation.launch import RegionNode, run_config, simulate
-from fedrec.federation.region import sent_update_path
+from fedrec.federation.launch import run_config, simulate
+from fedrec.federation.region import RegionSettings, sent_update_path
 from fedrec.federation.run_folder import RunFolder, read_run_id
 from fedrec.privacy.accountant import opacus_epsilon
 from fedrec.privacy.budget import RegionBudget
@@ -109,7 +112,7 @@ def test_server_killed_mid_round_resumes_without_repeating_or_double_applying(ti
     deployment.start_superlink()                        # same port and database; regions reconnect
     control = deployment.control()
     run_id = control.submit(run_config(config, run_dir, resume=True))
-    wait_until(lambda: control.status(run_id)[0] == "finished", 400, "the resumed run")
+    wait_until(lambda: control.status(run_id)[0] == "finished", 400, "the resumed run", every=5)
     assert control.status(run_id)[1] == "completed", control.logs(run_id)
     history = json.loads((run_dir / "metrics.json").read_text())
     assert [r["round"] for r in history] == [1, 2, 3], "no round repeated or skipped"
@@ -126,21 +129,43 @@ def test_server_killed_mid_round_resumes_without_repeating_or_double_applying(ti
         np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-7)
 
 
-def test_unregistered_node_wrong_certificate_and_plain_text_are_refused(prepared, tmp_path):
+def fedrec(log: Path, *args) -> subprocess.Popen:
+    """A `fedrec` command in its own process group, its output in `log`."""
+    with open(log, "wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "fedrec.tools", *map(str, args)], stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def test_fedrec_server_and_client_run_a_round_and_unregistered_wrong_certificate_plain_text_are_refused(
+        tiny_encoder, prepared, tmp_path):
+    """The production path: `fedrec server` registers the region's key and runs a round that
+    `fedrec client` serves over TLS with node authentication; other nodes never get in."""
     deployment = Deployment(tmp_path, prepared, tls=True)
+    server = client = None
     try:
         deployment.start_superlink(auth=True)
         good, good_pub = create_node_key(tmp_path / "keys", "eu")
         rogue, _ = create_node_key(tmp_path / "keys", "rogue")
-        control = deployment.control()
-        node_id = control.register_node(good_pub)
-        accepted = deployment.start_region("eu", auth_key=good)
-        assert f"SuperNode ID: {node_id}" in accepted.text()
+        settings = tiny_config(tiny_encoder, prepared).to_flat()
+        overrides = [arg for key in ("model.encoder", "train.batch_size", "federation.eval_splits",
+                                     "federation.wait_for_regions", "federation.round_timeout")
+                     for arg in ("--set", f"{key}={settings[key]}")]
+        server_log, client_log = tmp_path / "server.log", tmp_path / "client.log"
+        server = fedrec(server_log, "server", "--run-dir", tmp_path / "run", "--catalog", prepared / "catalog.parquet",
+                        "--superlink", deployment.address, "--certs", tmp_path / "certs", "--register", good_pub,
+                        "--rounds", 1, "--min-regions", 1, *overrides)
+        registered = wait_until(lambda: re.search(r"as node (\d+)", server_log.read_text()), 120, "the key registered")
+        node_id = int(registered[1])
+        client = fedrec(client_log, "client", "--region", "eu", "--data", prepared / "eu", "--superlink",
+                        deployment.address, "--root-cert", tmp_path / "certs" / "ca.crt", "--auth-key", good,
+                        "--state-dir", tmp_path / "regions" / "eu", "--no-dp")
+        wait_until(lambda: "connected; waiting for rounds" in client_log.read_text(), 120, "the region to connect")
         unregistered = deployment.start_region("uk", wait=False, auth_key=rogue)
         other_ca = create_dev_pki(tmp_path / "other-ca").ca        # a CA the SuperLink's cert is not from
         wrong_cert = deployment.start_region("row", wait=False, auth_key=good, root_cert=other_ca)
-        plain = RegionNode("plain", prepared / "row", tmp_path / "regions" / "plain", RegionBudget(enabled=False))
-        plain_text = start_supernode("supernode-plain", deployment.address, plain.node_config(), plain.state_dir,
+        plain = RegionSettings("plain", str(prepared / "row"), str(tmp_path / "regions" / "plain"),
+                               RegionBudget(enabled=False))
+        plain_text = start_supernode("supernode-plain", deployment.address, plain.node_config(), Path(plain.state_dir),
                                      None, wait=False)       # --insecure: plain text to a TLS port
         deployment.nodes["plain"] = plain_text
         wait_until(lambda: unregistered.popen.poll() is not None, 120, "the unregistered node to be refused")
@@ -151,7 +176,16 @@ def test_unregistered_node_wrong_certificate_and_plain_text_are_refused(prepared
                    "the plain-text node to be refused three times")
         for refused in (wrong_cert, plain_text):
             assert "SuperNode ID:" not in refused.text(), refused.text()
-        online = [n for n, status in control.nodes().items() if status == "online"]
+        online = [n for n, status in deployment.control().nodes().items() if status == "online"]
         assert online == [node_id], "only the registered, verified node is connected"
+        assert server.wait(300) == 0, server_log.read_text()
+        assert "done: 1 round(s)" in server_log.read_text()
+        assert [r["round"] for r in json.loads((tmp_path / "run" / "metrics.json").read_text())] == [1]
+        assert (tmp_path / "run" / "final" / "tower.safetensors").is_file()
+        client.send_signal(signal.SIGTERM)                  # the region leaves, stopping its SuperNode
+        assert client.wait(60) == 0 and "leaving the federation" in client_log.read_text()
     finally:
+        for process in (server, client):
+            if process is not None and process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
         deployment.stop()

@@ -114,3 +114,18 @@ def test_a_region_with_another_catalog_refuses_to_train(prepared, tiny_encoder, 
     with pytest.raises(FedrecError, match="is not the coordinator's"):
         train_round(settings, config, {}, 1, "run", "0" * 64)
     assert not (tmp_path / "eu").exists(), "nothing spent, nothing written"
+
+
+def test_a_regions_node_config_round_trips_through_its_settings(tmp_path):
+    """One record for what a region's operator sets: written into the SuperNode, read back in the ClientApp."""
+    from fedrec.federation.deployment import node_config_arg
+    from fedrec.federation.region import RegionSettings
+    from fedrec.privacy.budget import RegionBudget
+
+    for budget in (RegionBudget(epsilon=3.5, delta=1e-6, max_grad_norm=0.5, noise_multiplier=1.25, accountant="rdp"),
+                   RegionBudget(enabled=False)):
+        settings = RegionSettings("eu", str(tmp_path / "eu"), str(tmp_path / "state"), budget)
+        config = settings.node_config()
+        as_flower_reads_it = tomllib.loads("\n".join(node_config_arg(config).split(" ")))
+        assert RegionSettings.from_node_config(config) == settings
+        assert RegionSettings.from_node_config(as_flower_reads_it) == settings

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import errno
 import json
+import math
 import signal
 import sys
-from functools import partial
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from fedrec.errors import FedrecError
+from fedrec.privacy.budget import RegionBudget
 
 app = typer.Typer(help="Federated, differentially private search and recommendation for regional silos.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -98,6 +98,9 @@ def data_prepare(
     catalog: Optional[Path] = typer.Option(None, help="Catalog file for the generic format."),
     region_map: Optional[Path] = typer.Option(None, help="JSON/TOML country→region mapping (Online Retail)."),
     region: Optional[str] = typer.Option(None, help="Region of every row, for a generic file without a region column."),
+    queries: List[str] = typer.Option([], "--queries", metavar="REGION=FILE",
+                                      help="A region's search log (query,item_id[,relevance][,user_id][,timestamp]); "
+                                           "repeatable, one per region. A region may have only a search log."),
 ) -> None:
     """Clean, split by basket and write one silo per region plus the shared public catalog."""
     from fedrec.data.prepare import prepare
@@ -105,9 +108,25 @@ def data_prepare(
 
     regions = RegionMap.from_file(region_map) if region_map else RegionMap.standard()
     default_region = _region(region, "--region") if region is not None else None
-    result = prepare(source, out, catalog=catalog, regions=regions, default_region=default_region)
+    result = prepare(source, out, catalog=catalog, regions=regions, default_region=default_region,
+                     queries=_search_logs(queries))
     typer.echo(format_summary(result.summary))
     typer.echo(f"wrote {result.out}")
+
+
+def _search_logs(specs: List[str]) -> dict[str, Path]:
+    """--queries REGION=FILE options as region → file, each region once."""
+    logs: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, file = spec.partition("=")
+        if not sep or not file.strip():
+            raise FedrecError(f"--queries {spec!r}: expected REGION=FILE, e.g. --queries eu=eu_queries.csv")
+        name = _region(name, "--queries")
+        if name in logs:
+            raise FedrecError(f"--queries: region {name} is given twice ({logs[name]} and {file.strip()})",
+                              hint="Merge that region's search logs into one file.")
+        logs[name] = Path(file.strip())
+    return logs
 
 
 def format_summary(summary: dict) -> str:
@@ -119,6 +138,12 @@ def format_summary(summary: dict) -> str:
     dropped = {**summary["cleaning"], **summary["split"]}
     rows.append("cleaning and split: " + ", ".join(f"{k}={v}" for k, v in dropped.items()))
     rows.append(f"catalog items: {summary['catalog_items']}")
+    for name, log in summary.get("queries", {}).items():
+        rows.append(f"search log {name}: {log['queries']:,} queries from {log['rows_read']:,} rows; unit of privacy: "
+                    f"{log['privacy_unit']} ({log['privacy_units']:,} units, {log['users_with_baskets_too']:,} who "
+                    f"also bought); {log['judged_not_relevant']:,} pairs judged not relevant, "
+                    f"{log['queries_without_relevant_items']:,} queries with no relevant item (not trained on), "
+                    f"{log['repeated_rows_merged']:,} repeated rows merged")
     return "\n".join(rows)
 
 
@@ -134,8 +159,6 @@ def model_tiny(out: Path = typer.Option(..., "--out"), hidden: int = 32, layers:
 # -- a region's budget ---------------------------------------------------------------------------
 def _budget(no_dp: bool, epsilon: float, delta: float, max_grad_norm: float, noise_multiplier: float,
             accountant: str):
-    from fedrec.privacy.budget import RegionBudget
-
     budget = RegionBudget(epsilon=epsilon, delta=delta, max_grad_norm=max_grad_norm,
                           noise_multiplier=noise_multiplier, accountant=accountant, enabled=not no_dp)
     budget.validate()
@@ -143,11 +166,12 @@ def _budget(no_dp: bool, epsilon: float, delta: float, max_grad_norm: float, noi
 
 
 NoDP = typer.Option(False, "--no-dp", help="Train this region WITHOUT differential privacy (explicit opt-out).")
-Epsilon = typer.Option(8.0, help="The region's lifetime privacy budget ε: every run on its data spends from it.")
-Delta = typer.Option(1e-5, help="δ of the region's (ε, δ) guarantee; must be below 1/users.")
-MaxGradNorm = typer.Option(1.0, help="C: each user's gradient is clipped to this norm.")
-NoiseMultiplier = typer.Option(0.0, help="σ; 0 derives it from ε for the planned rounds.")
-Accountant = typer.Option("prv", help="prv (default) or rdp.")
+# The budget's defaults are RegionBudget's: one source for the CLI, node configs and the library.
+Epsilon = typer.Option(RegionBudget.epsilon, help="The region's lifetime privacy budget ε: every run on its data spends from it.")
+Delta = typer.Option(RegionBudget.delta, help="δ of the region's (ε, δ) guarantee; must be below 1/users.")
+MaxGradNorm = typer.Option(RegionBudget.max_grad_norm, help="C: each user's gradient is clipped to this norm.")
+NoiseMultiplier = typer.Option(RegionBudget.noise_multiplier, help="σ; 0 derives it from ε for the planned rounds.")
+Accountant = typer.Option(RegionBudget.accountant, help="prv (default) or rdp.")
 
 
 @app.command()
@@ -189,7 +213,8 @@ def train(
     typer.echo(f"encoding the catalog's {len(catalog):,} item texts with the frozen encoder")
     teacher = Teacher(cfg.model, catalog).to(pick_device())
     result = fit(teacher, silos, cfg, out, log=typer.echo)
-    typer.echo(f"best epoch {result.best_epoch}: val NDCG@10 {result.best_val_ndcg:.4f}; saved {out}")
+    quality = "no validation users" if math.isnan(result.best_val_ndcg) else f"val NDCG@10 {result.best_val_ndcg:.4f}"
+    typer.echo(f"best epoch {result.best_epoch}: {quality}; saved {out}")
 
 
 @app.command()
@@ -258,8 +283,7 @@ def server(
 ) -> None:
     """Coordinate a federation: start (or attach to) a SuperLink, submit the run, follow it."""
     from fedrec.federation.certs import ServerTLS
-    from fedrec.federation.deployment import Control, start_superlink
-    from fedrec.federation.launch import submit_and_follow
+    from fedrec.federation.launch import serve
 
     cfg = _config(config, set_)
     cfg.federation.catalog = str(catalog)
@@ -270,26 +294,14 @@ def server(
     if not insecure and certs_dir is None:
         raise FedrecError("TLS is on by default and needs --certs DIR",
                           hint="Create one with `fedrec certs --out DIR`, or pass --insecure on a trusted network.")
-    tls = None if insecure else ServerTLS.in_dir(certs_dir)
-    process = None
-    address = superlink or listen
-    run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        if superlink is None:
-            process = start_superlink(listen, run_dir / "superlink", tls, auth)
-            typer.echo(f"SuperLink listening on {listen} ({'TLS' if tls else 'insecure'}"
-                       f"{', node authentication' if auth else ''}); log {process.log}")
-        control = Control(address, tls.ca if tls else None)
-        for key in register:
-            typer.echo(f"registered {key} as node {control.register_node(key)}")
-        history = submit_and_follow(control, cfg, run_dir, resume, typer.echo)
-        typer.echo(f"done: {len(history)} round(s) in this run folder; final teacher in {run_dir / 'final'}")
+        history = serve(cfg, run_dir, listen=listen, superlink=superlink,
+                        tls=None if insecure else ServerTLS.in_dir(certs_dir), auth=auth, register=register,
+                        resume=resume, echo=typer.echo)
     except KeyboardInterrupt:
         typer.echo("interrupted")
         raise typer.Exit(130)
-    finally:
-        if process is not None:
-            process.stop()
+    typer.echo(f"done: {len(history)} round(s) in this run folder; final teacher in {run_dir / 'final'}")
 
 
 @app.command()
@@ -309,29 +321,22 @@ def client(
         raise FedrecError("TLS is on by default and needs --root-cert CA.crt",
                           hint="Pass the coordinator's CA certificate, or --insecure on a trusted network.")
     region = _region(region, "--region")
-    from fedrec.data.silo import load_silo
-    from fedrec.federation.deployment import start_supernode
-    from fedrec.federation.launch import RegionNode
-    from fedrec.federation.region import default_state_dir
-    from fedrec.training.objective import can_train
+    from fedrec.federation.launch import join
+    from fedrec.federation.region import RegionSettings, default_state_dir
 
     budget = _budget(no_dp, epsilon, delta, max_grad_norm, noise_multiplier, accountant)
-    users = sum(can_train(u) for u in load_silo(data).users)
-    budget.validate(users)             # refuse δ ≥ 1/users before joining anything
-    node = RegionNode(region, data, state_dir or default_state_dir(data), budget)
-    process = start_supernode(f"supernode-{region}", superlink, node.node_config(), node.state_dir,
-                              None if insecure else root_cert, auth_key, wait=False)
-    typer.echo(f"region {region}: {users} users, {'DP ε=%g δ=%g' % (epsilon, delta) if budget.enabled else 'NO DP'}; "
-               f"SuperNode log {process.log}")
+    node = RegionSettings(region, str(data), str(state_dir or default_state_dir(data)), budget)
+    process = None
     try:
-        process.wait_for("SuperNode ID:", 120)
+        process = join(node, superlink, None if insecure else root_cert, auth_key, echo=typer.echo)
         typer.echo("connected; waiting for rounds (Ctrl-C to leave)")
         code = process.popen.wait()
         raise FedrecError(f"the SuperNode exited with code {code}; see {process.log}")
     except KeyboardInterrupt:
         typer.echo("leaving the federation")
     finally:
-        process.stop()
+        if process is not None:
+            process.stop()
 
 
 @app.command()
@@ -373,8 +378,23 @@ def audit_command(
     bundle: Optional[Path] = typer.Option(None, help="Check the privacy claim of a bundle or checkpoint."),
     key: List[str] = typer.Option([], help="REGION=HEX: the region's public signing key as its privacy officer "
                                            "recorded it (`fedrec privacy status`); repeatable."),
+    empirical: bool = typer.Option(False, "--empirical", help="Also measure a lower bound on ε with canaries "
+                                   "(one-run audit): trains a scratch copy per region at its DP settings and "
+                                   "spends from its ledger as an audit run."),
+    data: Optional[Path] = typer.Option(None, "--data", help="With --empirical: output folder of `fedrec data prepare`."),
+    regions: str = typer.Option("all", help="With --empirical: comma list of regions, or 'all'."),
+    state_root: Optional[Path] = typer.Option(None, help="With --empirical: region records under STATE_ROOT/<region> "
+                                                         "instead of DATA/<region>/.fedrec."),
+    canaries: int = typer.Option(200, help="With --empirical: canary users per region (m)."),
+    confidence: float = typer.Option(0.95, help="With --empirical: confidence of the lower bound."),
+    control: bool = typer.Option(True, help="With --empirical: also run the noise-off control (spends nothing)."),
+    epsilon: float = Epsilon, delta: float = Delta, max_grad_norm: float = MaxGradNorm,
+    noise_multiplier: float = NoiseMultiplier, accountant: str = Accountant,
+    config: Optional[Path] = ConfigOption,
+    set_: List[str] = SetOption,
 ) -> None:
-    """Verify each region's signed ledger, recompute every ε (Opacus and dp-accounting), check claims."""
+    """Verify each region's signed ledger, recompute every ε (Opacus and dp-accounting), check claims;
+    with --empirical, first measure each region's empirical lower bound on ε beside its accounted ε."""
     from fedrec.atomic import write_json
     from fedrec.privacy.audit import audit, format_audit, write_html
 
@@ -384,20 +404,34 @@ def audit_command(
         if not sep or not region or not value:
             raise FedrecError(f"--key {pair!r}: expected REGION=HEX")
         pinned[region] = value.strip()
+    measured = []
+    if empirical:
+        if data is None:
+            raise FedrecError("--empirical trains on the regions' data", hint="Pass --data DIR (`fedrec data prepare`'s output).")
+        names = _regions(regions, data)
+        cfg = _config(config, set_)
+        from fedrec.federation.region import default_state_dir
+        from fedrec.privacy.empirical import audit_regions, format_empirical
+
+        states = {r: state_root / r if state_root else default_state_dir(data / r) for r in names}
+        budget = _budget(False, epsilon, delta, max_grad_norm, noise_multiplier, accountant)
+        measured = audit_regions(data, names, states, budget, cfg, canaries, confidence, control, typer.echo)
+        typer.echo(format_empirical(measured))
+        paths = list(paths) + [s for s in states.values() if s not in paths]
     report = audit(paths, bundle, pinned)
     typer.echo(format_audit(report))
     if json_out:
-        write_json(json_out, report.to_json())
+        write_json(json_out, {**report.to_json(), **({"empirical": [a.to_json() for a in measured]} if empirical else {})})
     if html_out:
         write_html(report, html_out)
-    if not report.ok:
+    if not report.ok or not all(a.ok for a in measured):
         raise typer.Exit(1)
 
 
 @privacy_app.command("plan")
 def privacy_plan(users: int = typer.Option(...), batch: int = typer.Option(32), rounds: int = typer.Option(...),
                  local_epochs: float = typer.Option(1.0), epsilon: float = typer.Option(...),
-                 delta: float = typer.Option(1e-5), accountant: str = Accountant) -> None:
+                 delta: float = Delta, accountant: str = Accountant) -> None:
     """The noise multiplier σ a region needs, and whether it is too small for useful DP."""
     from fedrec.privacy.plan import plan_privacy
 
@@ -433,8 +467,8 @@ def privacy_repair_ledger(path: Path = typer.Argument(..., help="A region state 
 def demo(
     source: Path = typer.Option(DEFAULT_SOURCE, help="UCI Online Retail file."),
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for every artefact."),
-    epsilon: float = typer.Option(8.0, help="Each region's privacy budget ε."),
-    delta: float = typer.Option(1e-5, help="Each region's δ."),
+    epsilon: float = typer.Option(RegionBudget.epsilon, help="Each region's privacy budget ε."),
+    delta: float = typer.Option(RegionBudget.delta, help="Each region's δ."),
     config: Optional[Path] = ConfigOption,
     set_: List[str] = SetOption,
 ) -> None:
@@ -476,27 +510,37 @@ def export_command(
     model: Path = typer.Argument(..., help="A student or teacher checkpoint (or a run folder: uses RUN/final)."),
     out: Path = typer.Option(..., "--out", help="Bundle folder."),
     data: Path = typer.Option(..., "--data", help="Prepared dataset: its catalog becomes the bundle's items."),
-    int8: bool = typer.Option(True, help="Also write INT8 (dynamic quantization) graphs."),
+    int8: bool = typer.Option(True, help="Also write INT8 graphs (weight-only, 8-bit blocks: a query ranks the same alone or batched)."),
     fp16: bool = typer.Option(False, help="Also write the FP16 query encoder, for GPUs (ONNX Runtime CUDA / TensorRT)."),
     tensorrt: bool = typer.Option(False, help="Also build a TensorRT engine from the FP16 query encoder (NVIDIA GPU + tensorrt extra)."),
     tar: bool = typer.Option(False, help="Also write OUT.tar.gz."),
     metrics: Optional[Path] = typer.Option(None, help="Evaluation JSON (`fedrec evaluate --json`) to record. Metrics "
                                                       "are computed on users' data without noise: ship only ones you may publish."),
     int8_index: bool = typer.Option(False, help="Also write an int8 item index (for catalogs of ~100k items and more)."),
+    fusion: Optional[str] = typer.Option(None, help="How hybrid search fuses the model's and BM25's scores: convex:W "
+                                                   "(lexical weight W) or rrf:K (reciprocal ranks); default the one "
+                                                   "BENCHMARKS.md chose. `fedrec search-eval --tune-share` compares them."),
 ) -> None:
     """Build an edge bundle: user tower and query encoder as ONNX FP32/INT8 (FP16, TensorRT for GPUs),
     tokenizer, item matrix, hashed manifest."""
     from fedrec.data.silo import Catalog
+    from fedrec.edge_runtime.fusion import DEFAULT_FUSION, Fusion
     from fedrec.export.bundle import export_bundle
 
+    try:
+        fused = Fusion.parse(fusion) if fusion else DEFAULT_FUSION
+    except ValueError as exc:
+        raise FedrecError(f"--fusion: {exc}") from None
     checkpoint = model / "final" if (model / "final").is_dir() else model
     recorded = json.loads(metrics.read_text()) if metrics else None
     folder = export_bundle(checkpoint, Catalog.load(data / "catalog.parquet"), out, int8, tensorrt, tar, recorded,
-                           int8_index, fp16)
+                           int8_index, fp16, fused)
     typer.echo(f"bundle {folder}" + (f" and {folder}.tar.gz" if tar else ""))
 
 
 PRECISION = typer.Option("int8", help="int8 or fp32 (any bundle); fp16 (bundles exported with --fp16 or --tensorrt).")
+MODE = typer.Option("hybrid", help="hybrid (BM25 and the model fused, as the bundle records), dense (the model) "
+                                   "or lexical (BM25 over the item texts).")
 DEVICE = typer.Option("cpu", help="cpu; cuda or tensorrt through ONNX Runtime's GPU providers (onnxruntime-gpu).")
 
 
@@ -540,9 +584,54 @@ def recommend(bundle: Path = typer.Argument(..., help="Bundle folder or .tar.gz.
 @app.command()
 def search(bundle: Path = typer.Argument(..., help="Bundle folder or .tar.gz."),
            query: str = typer.Argument(..., help="What the customer typed."),
-           k: int = typer.Option(10, min=1, max=100), precision: str = PRECISION, device: str = DEVICE) -> None:
+           k: int = typer.Option(10, min=1, max=100), mode: str = MODE, precision: str = PRECISION,
+           device: str = DEVICE) -> None:
     """Search the catalog with a bundle (no torch needed)."""
-    _print_results(_edge(bundle, precision, device).search(query, k))
+    from fedrec.edge_runtime.runtime import SEARCH_MODES
+
+    if mode not in SEARCH_MODES:
+        raise FedrecError(f"--mode {mode!r}: choose {', '.join(SEARCH_MODES)}")
+    _print_results(_edge(bundle, precision, device).search(query, k, mode))
+
+
+@app.command("search-eval")
+def search_eval_command(
+    bundle: Path = typer.Argument(..., help="Bundle folder or .tar.gz."),
+    judgments: Path = typer.Option(..., help="CSV, Parquet or XLSX of query,item_id,relevance (a whole number "
+                                             "≥ 0; 0 = judged not relevant)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report, with per-query results, here."),
+    k: int = typer.Option(10, min=1, max=100),
+    tune_share: float = typer.Option(0.0, min=0.0, max=0.9, help="Set this share of the queries aside to compare "
+                                                                 "fusions (for `fedrec export --fusion`); the "
+                                                                 "rest are evaluated."),
+    precision: str = PRECISION, device: str = DEVICE,
+) -> None:
+    """NDCG, Recall and MRR of dense, lexical and hybrid search on judged queries, over the full
+    catalog and re-ranking each query's judged items (no torch needed)."""
+    from fedrec.atomic import write_json
+    from fedrec.tools.search_eval import VIEWS, read_judgments, search_eval
+
+    model = _edge(bundle, precision, device)
+    judged = read_judgments(judgments, model.position)
+    if judged.unknown_rows:
+        typer.echo(f"skipped {judged.unknown_rows} of {judged.rows} rows: {len(judged.unknown_ids)} item ids not "
+                   f"in the bundle's catalog ({', '.join(judged.unknown_ids[:5])}"
+                   f"{', …' if len(judged.unknown_ids) > 5 else ''})", err=True)
+    if judged.without_relevant:
+        typer.echo(f"skipped {len(judged.without_relevant)} queries with no relevant catalog item", err=True)
+    report = search_eval(model, judged, k, tune_share)
+    typer.echo(f"{report['queries']} queries, hybrid = {report['fusion']}")
+    for view in VIEWS:
+        for mode, values in report[view].items():
+            typer.echo(f"{view:<14} {mode:<8} " + "  ".join(f"{name} {value:.4f}" for name, value in values.items()))
+    if "tuning" in report:
+        tuning = report["tuning"]
+        typer.echo(f"best fusion on {tuning['queries']} set-aside queries: {tuning['best']} "
+                   f"(NDCG@{k} {tuning[f'ndcg@{k}'][tuning['best']]:.4f}; this bundle's "
+                   f"{tuning[f'ndcg@{k}'].get(report['fusion'], float('nan')):.4f})")
+    if json_out:
+        write_json(json_out, {"bundle": str(bundle), "judgments": str(judgments), **report})
+        typer.echo(f"wrote {json_out}")
 
 
 @app.command()
@@ -552,21 +641,11 @@ def serve(bundle: Path = typer.Argument(..., help="Bundle folder or .tar.gz."),
                                       "process uses about one core: on 2 cores, 2 served 1.3x the requests of 1 "
                                       "(BENCHMARKS.md)."),
           precision: str = PRECISION, device: str = DEVICE) -> None:
-    """HTTP JSON API: /health, /recommend, /search, /similar."""
-    from fedrec.edge_runtime import BundleError, EdgeModel
-    from fedrec.edge_runtime.server import serve as serve_forever
-
-    def ready(address: tuple[str, int]) -> None:
-        typer.echo(f"serving {bundle} on http://{address[0]}:{address[1]} with {workers} "
-                   f"worker{'s' * (workers > 1)} (Ctrl-C to stop)")
+    """HTTP JSON API: /health, /recommend, /search, /similar (`fedrec-edge` serves the same without torch)."""
+    from fedrec.edge_runtime import BundleError
+    from fedrec.edge_runtime.cli import ServeError, serve_bundle
 
     try:
-        serve_forever(partial(EdgeModel, bundle, precision, device), host, port, workers, ready)
-    except BundleError as exc:
+        serve_bundle(bundle, host, port, workers, precision, device, say=typer.echo)
+    except (BundleError, ServeError) as exc:
         raise FedrecError(str(exc)) from exc
-    except OSError as exc:
-        if exc.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
-            raise
-        raise FedrecError(f"cannot listen on {host}:{port}: {exc.strerror}", hint="choose another --port or --host") from exc
-    except KeyboardInterrupt:
-        typer.echo("stopped")
