@@ -8,6 +8,7 @@ bundle, so the edge needs no bm25s). BM25 is bm25s's default, Lucene's variant, 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -30,8 +31,16 @@ def title_tokens(titles: Sequence[str]) -> list[list[str]]:
 
 
 def bm25_index(titles: Sequence[str]) -> bm25s.BM25:
-    retriever = bm25s.BM25(**BM25)
-    retriever.index(title_tokens(titles), show_progress=False)
+    """bm25s sets its logger to DEBUG when imported, so its notes reach any handler a host
+    process has configured (Flower's, in the demo): quiet while it builds."""
+    library = logging.getLogger("bm25s")
+    level = library.level
+    library.setLevel(logging.WARNING)
+    try:
+        retriever = bm25s.BM25(**BM25)
+        retriever.index(title_tokens(titles), show_progress=False)
+    finally:
+        library.setLevel(level)
     return retriever
 
 

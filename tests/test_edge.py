@@ -74,14 +74,24 @@ def queries(catalog, n=60):
 
 
 def test_export_says_nothing_a_user_must_not_act_on(student_dir, catalog, tmp_path, capfd):
-    """`fedrec export` printed torch's tracer warnings about Python-side shapes, ONNX's too."""
+    """`fedrec export` printed torch's tracer warnings about Python-side shapes, ONNX's too, and
+    bm25s's debug notes wherever a process had a log handler (the demo's)."""
+    import logging
     import warnings
 
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        export_bundle(student_dir, catalog, tmp_path / "bundle")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger().addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            export_bundle(student_dir, catalog, tmp_path / "bundle")
+    finally:
+        logging.getLogger().removeHandler(handler)
     printed = capfd.readouterr()
     assert [str(w.message) for w in seen] == [] and "arn" not in printed.out + printed.err, printed
+    assert [f"{r.name}: {r.getMessage()}" for r in records] == []
 
 
 def search_overlap(a: EdgeModel, b: EdgeModel, catalog) -> float:
