@@ -19,8 +19,10 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(BIN)/fedrec demo
 
+# Two workers (CI has two cores): the real-process Flower tests wait on processes and timeouts
+# most of the time; each xdist_group runs on one worker, the rest spread over both.
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadgroup
 
 # import-linter on .importlinter. A bare `lint-imports` in this folder cannot work: the folders are
 # not laid out as the import names (pyproject's package-dir), so it finds no fedrec.tools; the

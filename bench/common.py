@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import time
@@ -38,3 +39,8 @@ def save(name: str, results: dict) -> Path:
     write_json(path, {"machine": machine(), "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **results})
     print(f"wrote {path}")
     return path
+
+
+def show_progress() -> None:
+    """The library's progress messages (stdlib logging) on the terminal, as the CLI shows them."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")

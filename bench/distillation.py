@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import sys
 
-from common import WORK, save, silos_dir
+from common import WORK, save, silos_dir, show_progress
 from fedrec.config import FedrecConfig
 from fedrec.data.silo import load_dataset
 from fedrec.distill.distill import distill
@@ -63,4 +63,5 @@ def main(teacher_dir: str) -> None:
 
 
 if __name__ == "__main__":
+    show_progress()
     main(*sys.argv[1:])

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import save, silos_dir
+from common import save, silos_dir, show_progress
 from fedrec.data.silo import load_dataset
 from fedrec.edge_runtime import EdgeModel
 from fedrec.evaluation.search import fragment_queries
@@ -78,4 +78,5 @@ def main(bundle: str, teacher_dir: str) -> None:
 
 
 if __name__ == "__main__":
+    show_progress()
     main(*sys.argv[1:])

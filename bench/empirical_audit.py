@@ -15,7 +15,7 @@ import shutil
 import sys
 import time
 
-from common import ONLINE_RETAIL, WORK, save
+from common import ONLINE_RETAIL, WORK, save, show_progress
 from fedrec.config import FedrecConfig
 from fedrec.data.prepare import prepare
 from fedrec.privacy.budget import RegionBudget
@@ -45,4 +45,5 @@ def main(regions: str = "eu", canaries: str = str(DEFAULT_CANARIES)) -> None:
 
 
 if __name__ == "__main__":
+    show_progress()
     main(*sys.argv[1:])

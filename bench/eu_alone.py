@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import WORK, save
+from common import WORK, save, show_progress
 from fedrec.config import FedrecConfig
 from fedrec.data.silo import load_dataset
 from fedrec.evaluation.evaluate import evaluate_ranker
@@ -56,4 +56,5 @@ def main(demo: str = "runs/demo", repeats: str = "3") -> None:
 
 
 if __name__ == "__main__":
+    show_progress()
     main(*sys.argv[1:])

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from common import WORK, save, silos_dir
+from common import WORK, save, silos_dir, show_progress
 from fedrec.config import FedrecConfig
 from fedrec.data.silo import load_dataset
 from fedrec.evaluation.evaluate import evaluate_ranker
@@ -68,4 +68,5 @@ def main(repeats: int = 3) -> None:
 
 
 if __name__ == "__main__":
+    show_progress()
     main(*(int(a) for a in sys.argv[1:]))

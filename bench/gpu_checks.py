@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import save, silos_dir
+from common import save, silos_dir, show_progress
 from fedrec.config import FedrecConfig
 from fedrec.data.silo import Catalog
 from fedrec.distill.distill import distill
@@ -69,8 +69,7 @@ def main(student: str | None = None) -> None:
     texts = fragment_queries(catalog, 1024)[0]
     # every batch padded to the token limit: one shape per batch size, so one warm-up call builds
     # whatever a provider builds per shape, and the timed calls measure running only
-    batches = [tuple(cpu.inputs([e.ids for e in cpu.tokenizer.encode_batch(texts[i:i + size])],
-                                cpu.max_query_tokens).values())
+    batches = [tuple(cpu.inputs(texts[i:i + size], cpu.max_query_tokens).values())
                for size in BATCHES for i in range(0, 512, size)]
     probe = batches[-1]
     reference = cpu.session.run(None, {"input_ids": probe[0], "attention_mask": probe[1]})[0]
@@ -98,4 +97,5 @@ def main(student: str | None = None) -> None:
 
 
 if __name__ == "__main__":
+    show_progress()
     main(*sys.argv[1:])

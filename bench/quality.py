@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from common import save, silos_dir
+from common import save, silos_dir, show_progress
 from fedrec.config import FedrecConfig
 from fedrec.data.silo import load_dataset
 from fedrec.evaluation.evaluate import build_rankers, cold_items, evaluate_ranker, format_report
@@ -47,7 +47,7 @@ def main(seeds: int = 3) -> None:
     silos = load_dataset(silos_dir())
     catalog = silos["uk"].catalog
     cold = cold_items(silos)
-    peers = build_rankers(silos, [], log=print)
+    peers = build_rankers(silos, [])
     report = {name: evaluate_ranker(r, silos) for name, r in peers.items()}
     cold_report = {name: evaluate_ranker(r, silos, targets=cold) for name, r in peers.items()}
     print(format_report(report), flush=True)
@@ -78,4 +78,5 @@ def main(seeds: int = 3) -> None:
 
 
 if __name__ == "__main__":
+    show_progress()
     main(*(int(a) for a in sys.argv[1:]))

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import os
 import sys
 import time
@@ -41,12 +42,14 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, save, silos_dir  # noqa: E402
+from common import RESULTS, save, show_progress, silos_dir  # noqa: E402
 
 from fedrec.atomic import write_json  # noqa: E402
 from fedrec.data.silo import Silo, load_dataset  # noqa: E402
 from fedrec.evaluation.evaluate import evaluate_ranker  # noqa: E402
 from fedrec.evaluation.rankers import EvalCase  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 LABEL = "SASRec (ID-only, non-private reference)"
 PROTOCOL = "next_basket"
@@ -207,7 +210,7 @@ class SASRecRanker:
         return torch.cat(out).numpy() if out else np.zeros((0, self.model.items.num_embeddings - 1))
 
 
-def train(silos: dict[str, Silo], seed: int, settings: dict, log=print) -> tuple[SASRecRanker, dict]:
+def train(silos: dict[str, Silo], seed: int, settings: dict) -> tuple[SASRecRanker, dict]:
     """Adam on the next-basket loss; stops once validation NDCG@10 has not improved for `patience` epochs."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -235,8 +238,8 @@ def train(silos: dict[str, Silo], seed: int, settings: dict, log=print) -> tuple
         val_ndcg = evaluate_ranker(ranker, silos, "val")["overall"]["ndcg@10"]
         history.append({"epoch": epoch, "loss": total / len(samples), "val_ndcg@10": val_ndcg,
                         "train_s": train_s, "val_s": time.perf_counter() - started})
-        log(f"seed {seed} epoch {epoch}: loss {total / len(samples):.4f}  val ndcg@10 {val_ndcg:.4f}  "
-            f"{train_s:.1f}s train", flush=True)
+        log.info(f"seed {seed} epoch {epoch}: loss {total / len(samples):.4f}  val ndcg@10 {val_ndcg:.4f}  "
+                 f"{train_s:.1f}s train")
         if val_ndcg > best_ndcg:
             best_state, best_ndcg, best_epoch = copy.deepcopy(model.state_dict()), val_ndcg, epoch
         elif epoch - best_epoch >= settings["patience"]:
@@ -320,4 +323,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    show_progress()
     main()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from common import save, silos_dir
+from common import save, silos_dir, show_progress
 from fedrec.data.silo import load_dataset
 from fedrec.evaluation.search import search_sanity
 from fedrec.model.teacher import Teacher
@@ -33,4 +33,5 @@ def main(teacher_dir: str) -> None:
 
 
 if __name__ == "__main__":
+    show_progress()
     main(*sys.argv[1:])

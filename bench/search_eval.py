@@ -19,7 +19,7 @@ import sys
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from common import REPO, WORK, save
+from common import REPO, WORK, save, show_progress
 from edge import PASSES, timed_together
 from fedrec.edge_runtime import EdgeModel
 from fedrec.edge_runtime.runtime import SEARCH_MODES
@@ -66,4 +66,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    show_progress()
     main()

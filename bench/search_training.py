@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from common import ONLINE_RETAIL, REPO, RESULTS, WORK, save
+from common import ONLINE_RETAIL, REPO, RESULTS, WORK, save, show_progress
 from fedrec.config import FedrecConfig
 from fedrec.data.prepare import prepare
 from fedrec.data.silo import Silo, UserRecord, load_dataset
@@ -170,7 +170,7 @@ def main(epochs: int, dp: bool, dp_only: bool = False) -> None:
         teacher.load_adapter_state(untrained)
         torch.manual_seed(0)
         began = time.perf_counter()
-        fit(teacher, train, config, log=print, queries=encoded)
+        fit(teacher, train, config, queries=encoded)
         timings[name] = time.perf_counter() - began
         results[name] = evaluate(teacher, embeddings, targets)
         print(name, results[name], flush=True)
@@ -198,6 +198,7 @@ def main(epochs: int, dp: bool, dp_only: bool = False) -> None:
 
 
 if __name__ == "__main__":
+    show_progress()
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--dp", action="store_true")

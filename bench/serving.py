@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import REPO, save
+from common import REPO, save, show_progress
 from fedrec.edge_runtime import EdgeModel
 from fedrec.tools.loadtest import mixed_calls, process_tree, run_load, serving
 
@@ -120,4 +120,5 @@ def main(bundle: str = str(REPO / "runs" / "demo" / "bundle"), *workers: str) ->
         "load_average_after": [round(x, 2) for x in os.getloadavg()]})
 
 if __name__ == "__main__":
+    show_progress()
     main(*sys.argv[1:])

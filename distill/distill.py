@@ -12,10 +12,10 @@ teacher's privacy claims so `fedrec audit` can follow the chain.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -30,6 +30,8 @@ from fedrec.distill.vocab import prune_vocabulary
 from fedrec.evaluation.search import title_fragment
 from fedrec.model.teacher import TEACHER_FILE, Teacher
 from fedrec.training.early_stopping import EarlyStopping
+
+log = logging.getLogger(__name__)
 
 PUBLIC_INPUTS = "public only: catalog item texts and title fragments as search queries"
 
@@ -64,8 +66,8 @@ def agreement(student: Student, teacher: Teacher, texts: list[str], targets: tor
     return {"cosine": float((embedded * targets).sum(-1).mean()), f"search_top{k}_overlap": float(overlap)}
 
 
-def distill(teacher: Teacher, teacher_checkpoint: str | Path, config: FedrecConfig, out_dir: str | Path,
-            log: Callable[[str], None] = print) -> tuple[Student, DistillResult]:
+def distill(teacher: Teacher, teacher_checkpoint: str | Path, config: FedrecConfig,
+            out_dir: str | Path) -> tuple[Student, DistillResult]:
     cfg, model_cfg, catalog = config.distill, teacher.config, teacher.catalog
     started = time.perf_counter()
     rng = np.random.default_rng(cfg.seed)
@@ -83,10 +85,10 @@ def distill(teacher: Teacher, teacher_checkpoint: str | Path, config: FedrecConf
     positions = encoder.encoder.embeddings.position_embeddings.weight.detach().cpu().numpy()
     student.init_from_teacher(embeddings, positions, kept)
     student.to(teacher.device)
-    log(f"student: {student.parameter_count():,} parameters in place of the encoder's "
-        f"{teacher.parameter_counts()['encoder']:,}; vocabulary {len(kept):,} of {embeddings.shape[0]:,} tokens")
+    log.info(f"student: {student.parameter_count():,} parameters in place of the encoder's "
+             f"{teacher.parameter_counts()['encoder']:,}; vocabulary {len(kept):,} of {embeddings.shape[0]:,} tokens")
 
-    log(f"teacher targets for {len(texts):,} public texts")
+    log.info(f"teacher targets for {len(texts):,} public texts")
     targets = encoder.encode_queries(train_texts)
     val_targets = encoder.encode_queries(val_texts)
     items = teacher.item_matrix()
@@ -121,13 +123,13 @@ def distill(teacher: Teacher, teacher_checkpoint: str | Path, config: FedrecConf
             losses.append(loss.item())
         validation = agreement(student, teacher, val_texts, val_targets, items)
         result.history.append({"epoch": epoch, "loss": float(np.mean(losses)), **validation})
-        log(f"epoch {epoch}: loss {np.mean(losses):.4f}, cosine {validation['cosine']:.4f}, "
-            f"search top-10 overlap {validation['search_top10_overlap']:.3f}")
+        log.info(f"epoch {epoch}: loss {np.mean(losses):.4f}, cosine {validation['cosine']:.4f}, "
+                 f"search top-10 overlap {validation['search_top10_overlap']:.3f}")
         snapshot = lambda: {k: v.detach().clone() for k, v in student.state_dict().items()}  # noqa: E731
         if stopper.update(epoch, validation["search_top10_overlap"] + 1e-3 * validation["cosine"], snapshot):
             result.best_epoch, result.validation = epoch, validation
         elif stopper.should_stop:
-            log(f"early stop: no search overlap gain for {cfg.patience} epochs")
+            log.info(f"early stop: no search overlap gain for {cfg.patience} epochs")
             break
     teacher.tower.requires_grad_(True)
     student.load_state_dict(stopper.best_state)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import sys
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -15,20 +15,43 @@ from fedrec.edge_runtime.bundle import BundleError
 from fedrec.edge_runtime.runtime import EdgeModel
 from fedrec.edge_runtime.server import serve
 
+log = logging.getLogger("fedrec.edge_runtime.cli")       # by name: run with `python -m`, __name__ is __main__
+
 
 class ServeError(Exception):
     """The server cannot start; the message says why and what to do."""
 
 
+class _Printed(logging.Handler):
+    """Prints to `sys.stdout` as it is at each message, not as it was at set-up (a test's
+    CliRunner swaps it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), flush=True)
+
+
+def print_messages() -> None:
+    """Show fedrec's messages as a command's own output: the bare message on stdout, from INFO
+    up. Not propagated to the root logger, so a handler a library put there does not repeat them.
+    Set up once per process however often it is called."""
+    fedrec = logging.getLogger("fedrec")
+    if not any(isinstance(h, _Printed) for h in fedrec.handlers):
+        handler = _Printed()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        fedrec.addHandler(handler)
+    fedrec.setLevel(logging.INFO)
+    fedrec.propagate = False
+
+
 def serve_bundle(bundle: str | Path, host: str = "127.0.0.1", port: int = 8080, workers: int = 1,
-                 precision: str = "int8", device: str = "cpu", say: Callable[[str], None] = print) -> None:
+                 precision: str = "int8", device: str = "cpu") -> None:
     """Serve `bundle` until interrupted, saying when every worker is ready and when it stops.
     Raises BundleError for a bundle that cannot be served, ServeError for an address that
     cannot be listened on."""
 
     def ready(address: tuple[str, int]) -> None:
-        say(f"serving {bundle} on http://{address[0]}:{address[1]} with {workers} "
-            f"worker{'s' * (workers > 1)} (Ctrl-C to stop)")
+        log.info(f"serving {bundle} on http://{address[0]}:{address[1]} with {workers} "
+                 f"worker{'s' * (workers > 1)} (Ctrl-C to stop)")
 
     try:
         serve(partial(EdgeModel, bundle, precision, device), host, port, workers, ready)
@@ -37,7 +60,7 @@ def serve_bundle(bundle: str | Path, host: str = "127.0.0.1", port: int = 8080, 
             raise
         raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another --port or --host") from exc
     except KeyboardInterrupt:
-        say("stopped")
+        log.info("stopped")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="int8", help="int8 or fp32; fp16 for bundles exported with it")
     parser.add_argument("--device", default="cpu", help="cpu; cuda or tensorrt with onnxruntime-gpu")
     args = parser.parse_args(argv)
+    print_messages()
     try:
         serve_bundle(args.bundle, args.host, args.port, args.workers, args.precision, args.device)
     except (BundleError, ServeError) as exc:

@@ -51,7 +51,7 @@ class Result:
 
 class EdgeModel:
     """A bundle loaded for serving. Safe to call from many threads at once, as `fedrec serve`
-    does: ONNX Runtime sessions are thread-safe to run, the tokenizer is configured once, here (a
+    does: ONNX Runtime sessions are thread-safe to run, the tokenizers are configured once, here (a
     per-call change, as transformers makes, is what raises "Already borrowed" across threads),
     the catalog and the index are only read, and every call builds its own arrays."""
 
@@ -92,8 +92,11 @@ class EdgeModel:
         self.tokenizer = Tokenizer.from_file(str(folder / model.tokenizer))
         self.max_query_tokens = model.max_query_tokens
         self.tokenizer.enable_truncation(max_length=self.max_query_tokens)
-        self.pad_id = (self.tokenizer.padding or {}).get("pad_id", 0)
-        self.tokenizer.no_padding()                     # `inputs` pads
+        padding = self.tokenizer.padding or {}
+        self.pad_id, pad_token = padding.get("pad_id", 0), padding.get("pad_token", "[PAD]")
+        self.tokenizer.enable_padding(pad_id=self.pad_id, pad_token=pad_token)      # to the longest of a batch
+        self.full_length = Tokenizer.from_str(self.tokenizer.to_str())             # always to the limit
+        self.full_length.enable_padding(pad_id=self.pad_id, pad_token=pad_token, length=self.max_query_tokens)
         self.history_items = model.history_items
         catalog = json.loads((folder / model.items).read_text())
         self.item_ids: list[str] = catalog["item_ids"]
@@ -118,17 +121,19 @@ class EdgeModel:
         return Index(np.asfortranarray(vectors))    # its transpose contiguous: BLAS scores a few rows 2× faster
 
     # -- encoding --------------------------------------------------------------------------
-    def inputs(self, sequences: Sequence[Sequence[int]], length: int | None = None) -> dict[str, np.ndarray]:
-        """The query encoder's inputs for token id sequences, padded to the longest (or to `length`)."""
-        ids = np.full((len(sequences), length or max(map(len, sequences))), self.pad_id, dtype=np.int64)
-        mask = np.zeros_like(ids)
-        for row, sequence in enumerate(sequences):
-            ids[row, :len(sequence)] = sequence
-            mask[row, :len(sequence)] = 1
-        return {"input_ids": ids, "attention_mask": mask}
+    def inputs(self, queries: Sequence[str], length: int | None = None) -> dict[str, np.ndarray]:
+        """The query encoder's inputs for `queries`, padded to the longest of them, or with
+        `length=max_query_tokens` to the limit (one shape per batch size, as a GPU engine wants):
+        a tokenizer each, not one reconfigured per call (see the class)."""
+        if length not in (None, self.max_query_tokens):
+            raise ValueError(f"queries pad to the longest or to max_query_tokens ({self.max_query_tokens}), "
+                             f"not {length}")
+        encodings = (self.tokenizer if length is None else self.full_length).encode_batch(list(queries))
+        return {"input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+                "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64)}
 
     def embed_queries(self, queries: Sequence[str]) -> np.ndarray:
-        return self.session.run(None, self.inputs([e.ids for e in self.tokenizer.encode_batch(list(queries))]))[0]
+        return self.session.run(None, self.inputs(queries))[0]
 
     def embed_histories(self, histories: Sequence[Sequence[int]], ages: Sequence[Sequence[int]]) -> np.ndarray:
         """Users from catalog positions (newest first) and their basket ages, cut to the newest

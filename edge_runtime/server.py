@@ -349,7 +349,7 @@ def serve(load_model: Callable[[], EdgeModel], host: str = "127.0.0.1", port: in
             wait([worker.sentinel for worker in running])
             for i, worker in enumerate(running):
                 if not worker.is_alive():
-                    log.warning("serving worker %d exited with code %s; starting another", worker.pid, worker.exitcode)
+                    log.warning(f"serving worker {worker.pid} exited with code {worker.exitcode}; starting another")
                     running[i] = start_worker(listening, load_model)
     finally:
         for worker in running:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
-
-from typing import Callable
-
 from tqdm.auto import tqdm
 
 from fedrec.config import ModelConfig
@@ -16,6 +15,8 @@ from fedrec.evaluation.rankers import (EASE, CoOccurrence, EvalCase, ItemKNN, Po
 from fedrec.model.teacher import Teacher, pick_device
 
 Report = dict[str, dict[str, dict[str, float]]]   # model → region|"overall" → metric → value
+
+log = logging.getLogger(__name__)
 
 
 def eval_cases(silo: Silo, split: str) -> list[EvalCase]:
@@ -83,14 +84,13 @@ def format_report(report: Report, metrics: tuple[str, ...] = ("ndcg@10", "recall
 
 
 def build_rankers(silos: dict[str, Silo], checkpoints: list, peers: bool = True, zero_shot: bool = True,
-                  encoder: str | None = None, batch_size: int = 1024,
-                  log: Callable[[str], None] = lambda _: None) -> dict[str, Ranker]:
+                  encoder: str | None = None, batch_size: int = 1024) -> dict[str, Ranker]:
     """The standard line-up: the non-private peers (EASE's λ chosen on validation), the zero-shot
     encoder, then each teacher checkpoint given."""
     catalog = next(iter(silos.values())).catalog
     rankers: dict[str, Ranker] = {}
     if peers:
-        log("peers: popularity, co-occurrence, ItemKNN, EASE (λ on validation)")
+        log.info("peers: popularity, co-occurrence, ItemKNN, EASE (λ on validation)")
         rankers["popularity (global)"] = Popularity(silos)
         rankers["popularity (region)"] = Popularity(silos, per_region=True)
         rankers["co-occurrence"] = CoOccurrence(silos)
@@ -101,10 +101,10 @@ def build_rankers(silos: dict[str, Silo], checkpoints: list, peers: bool = True,
     encoding = f"encoding the catalog's {len(catalog):,} item texts with the frozen encoder"
     teachers = []
     for path in checkpoints:
-        log(f"loading {path}: {encoding}")
+        log.info(f"loading {path}: {encoding}")
         teachers.append(Teacher.load(path, catalog, encoder).to(pick_device()))
     if zero_shot:
-        log("zero-shot encoder: item text vectors" + ("" if teachers else f"; {encoding}"))
+        log.info("zero-shot encoder: item text vectors" + ("" if teachers else f"; {encoding}"))
         text = teachers[0].tower.text if teachers else Teacher(ModelConfig(encoder=encoder or ""), catalog).tower.text
         rankers["zero-shot encoder"] = ZeroShot(text.cpu().numpy())
     for path, teacher in zip(checkpoints, teachers):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -21,6 +22,8 @@ from fedrec.federation.region import RegionSettings, default_state_dir
 from fedrec.privacy.budget import RegionBudget
 from fedrec.training.objective import can_train
 
+log = logging.getLogger(__name__)
+
 
 def run_config(config: FedrecConfig, run_dir: Path, resume: bool) -> dict:
     flat = config.to_flat()
@@ -32,8 +35,7 @@ def run_config(config: FedrecConfig, run_dir: Path, resume: bool) -> dict:
     return flat
 
 
-def follow(control: Control, run_id: int, run_dir: Path, rounds: int,
-           echo: Callable[[str], None] = print, poll: float = 10.0) -> list[dict]:
+def follow(control: Control, run_id: int, run_dir: Path, rounds: int, poll: float = 10.0) -> list[dict]:
     """Progress bar over rounds with per-region metrics, until the Flower run finishes. Each
     status check is a `flwr list` process (about 2 s of CPU), hence the slow poll."""
     metrics = run_dir / "metrics.json"
@@ -46,9 +48,9 @@ def follow(control: Control, run_id: int, run_dir: Path, rounds: int,
                 bar.set_postfix_str(" ".join(
                     f"{r}:{m['val_ndcg@10']:.3f}" for r, m in sorted(regions.items()) if "val_ndcg@10" in m))
                 for region, reason in record.get("dropped", {}).items():
-                    echo(f"round {record['round']}: region {region} dropped ({reason})")
+                    log.warning(f"round {record['round']}: region {region} dropped ({reason})")
                 for region, reason in record.get("declined", {}).items():
-                    echo(f"round {record['round']}: {reason}")
+                    log.warning(f"round {record['round']}: {reason}")
                 bar.update(1)
             shown = len(history)
             status, sub_status, details = control.status(run_id)
@@ -64,21 +66,19 @@ def _tail(text: str, lines: int = 25) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def submit_and_follow(control: Control, config: FedrecConfig, run_dir: Path, resume: bool,
-                      echo: Callable[[str], None] = print) -> list[dict]:
+def submit_and_follow(control: Control, config: FedrecConfig, run_dir: Path, resume: bool) -> list[dict]:
     run_id = control.submit(run_config(config, run_dir, resume))
-    echo(f"run {run_id} submitted; run folder {run_dir}")
+    log.info(f"run {run_id} submitted; run folder {run_dir}")
     try:
-        return follow(control, run_id, run_dir, config.federation.rounds, echo)
+        return follow(control, run_id, run_dir, config.federation.rounds)
     except KeyboardInterrupt:
-        echo(f"stopping run {run_id}")
+        log.info(f"stopping run {run_id}")
         control.stop(run_id)
         raise
 
 
 def serve(config: FedrecConfig, run_dir: Path, *, listen: str = "127.0.0.1:8000", superlink: str | None = None,
           tls: ServerTLS | None = None, auth: bool = False, register: Sequence[Path] = (), resume: bool = False,
-          echo: Callable[[str], None] = print,
           alongside: Callable[[str], AbstractContextManager] = lambda address: nullcontext()) -> list[dict]:
     """Coordinate one run: start a SuperLink on `listen` (or attach to the one at `superlink`),
     register node keys, submit the run and follow it to the end; returns its round history.
@@ -92,12 +92,12 @@ def serve(config: FedrecConfig, run_dir: Path, *, listen: str = "127.0.0.1:8000"
     try:
         if superlink is None:
             process = start_superlink(listen, run_dir / "superlink", tls, auth)
-            echo(f"SuperLink listening on {listen} ({'TLS' if tls else 'insecure'}"
-                 f"{', node authentication' if auth else ''}); log {process.log}")
+            log.info(f"SuperLink listening on {listen} ({'TLS' if tls else 'insecure'}"
+                     f"{', node authentication' if auth else ''}); log {process.log}")
         for key in register:
-            echo(f"registered {key} as node {control.register_node(key)}")
+            log.info(f"registered {key} as node {control.register_node(key)}")
         with alongside(address):
-            return submit_and_follow(control, config, run_dir, resume, echo)
+            return submit_and_follow(control, config, run_dir, resume)
     finally:
         control.close()
         if process is not None:
@@ -105,17 +105,20 @@ def serve(config: FedrecConfig, run_dir: Path, *, listen: str = "127.0.0.1:8000"
 
 
 def join(node: RegionSettings, superlink: str, root_cert: Path | None = None, auth_key: Path | None = None,
-         echo: Callable[[str], None] = print, connected_within: float | None = 120.0) -> Process:
+         connected_within: float | None = 120.0, announce: bool = True) -> Process:
     """One region joins the federation as a SuperNode. Its budget is checked against its own data
     first (δ below 1/users), so nothing starts for a budget that could not hold. Returns the
-    running SuperNode, once connected (or at once, with `connected_within=None`)."""
+    running SuperNode, once connected (or at once, with `connected_within=None`). `announce`
+    says its users and budget (simulate names all its regions in one line instead)."""
     users = sum(can_train(u) for u in node.silo().users)
     node.budget.validate(users)
     process = start_supernode(f"supernode-{node.region}", superlink, node.node_config(), Path(node.state_dir),
                               root_cert, auth_key, wait=False)
     budget = node.budget
-    echo(f"region {node.region}: {users} users, "
-         f"{f'DP ε={budget.epsilon:g} δ={budget.delta:g}' if budget.enabled else 'NO DP'}; SuperNode log {process.log}")
+    if announce:
+        log.info(f"region {node.region}: {users} users, "
+                 f"{f'DP ε={budget.epsilon:g} δ={budget.delta:g}' if budget.enabled else 'NO DP'}; "
+                 f"SuperNode log {process.log}")
     if connected_within is not None:
         try:
             process.wait_for("SuperNode ID:", connected_within)
@@ -127,7 +130,7 @@ def join(node: RegionSettings, superlink: str, root_cert: Path | None = None, au
 
 def simulate(data_root: Path, regions: list[str], run_dir: Path, config: FedrecConfig,
              budgets: dict[str, RegionBudget], tls: bool = True, resume: bool = False,
-             echo: Callable[[str], None] = print, state_root: Path | None = None) -> list[dict]:
+             state_root: Path | None = None) -> list[dict]:
     """The whole federation on one machine: `serve` on a free loopback port with every region
     joined alongside, each a separate process. Each region keeps its records where `fedrec
     client` would (beside its data), or under `state_root`/<region>."""
@@ -144,14 +147,14 @@ def simulate(data_root: Path, regions: list[str], run_dir: Path, config: FedrecC
             for region in regions:
                 state_dir = state_root / region if state_root else default_state_dir(data_root / region)
                 node = RegionSettings(region, str(data_root / region), str(state_dir), budgets[region])
-                joined.append(join(node, address, pki.ca if pki else None, echo=lambda _: None, connected_within=None))
+                joined.append(join(node, address, pki.ca if pki else None, connected_within=None, announce=False))
             for process in joined:
                 process.wait_for("SuperNode ID:", 120)
-            echo(f"SuperLink on {address} ({'TLS' if pki else 'insecure'}); regions {', '.join(regions)}")
+            log.info(f"SuperLink on {address} ({'TLS' if pki else 'insecure'}); regions {', '.join(regions)}")
             yield
         finally:
             for process in reversed(joined):
                 process.stop()
 
     return serve(config, run_dir, listen=f"127.0.0.1:{free_port()}", tls=pki, resume=resume,
-                 echo=echo, alongside=regions_joined)
+                 alongside=regions_joined)

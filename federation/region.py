@@ -3,12 +3,12 @@ its operator opted out), record the spend, evaluate on its own users, keep a cop
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -27,6 +27,8 @@ from fedrec.privacy.claims import PrivacyClaim
 from fedrec.privacy.spend import RegionPrivacy
 from fedrec.training.objective import RetrievalObjective, can_train, query_vectors
 from fedrec.training.trainer import make_optimizer, train_epochs
+
+log = logging.getLogger(__name__)
 
 State = dict[str, np.ndarray]
 
@@ -169,8 +171,7 @@ def keep_sent_update(settings: RegionSettings, run: str, server_round: int, adap
     return path
 
 
-def train_alone(settings: RegionSettings, config: FedrecConfig, out: str | Path,
-                log: Callable[[str], None] = print) -> Path:
+def train_alone(settings: RegionSettings, config: FedrecConfig, out: str | Path) -> Path:
     """`fedrec train --dp`: the region trains the tower on its own data under DP for
     `federation.rounds` rounds, exactly as in a federation but with no one to average with,
     spending from the same ledger; the checkpoint claims the last entry."""
@@ -185,12 +186,12 @@ def train_alone(settings: RegionSettings, config: FedrecConfig, out: str | Path,
     for server_round in range(1, config.federation.rounds + 1):
         outcome = train_round(settings, config, adapters, server_round, run, silo.catalog.fingerprint)
         if outcome.status == "declined":
-            log(str(outcome.info["reason"]))
+            log.warning(str(outcome.info["reason"]))
             break
         adapters = outcome.adapters
         trained.append(outcome)
-        log(f"round {server_round}/{config.federation.rounds}: lifetime ε {outcome.info['epsilon']:.3f} "
-            f"of {settings.budget.epsilon:g}")
+        log.info(f"round {server_round}/{config.federation.rounds}: lifetime ε {outcome.info['epsilon']:.3f} "
+                 f"of {settings.budget.epsilon:g}")
     if not trained:
         raise FedrecError(f"region {settings.region} trained no round: nothing to save")
     claim = PrivacyClaim.parse(trained[-1].info, "the last round")

@@ -57,6 +57,12 @@ class TrainConfig:
     batch_size: int = setting(512, "users per step (under DP: the expected Poisson batch)", at_least=1)
     lr: float = setting(2e-3, "AdamW learning rate of the tower", above=0)
     weight_decay: float = setting(0.0, "AdamW weight decay", at_least=0)
+    dp_shared_scale: float = setting(0.1, "DP-SGD: each user's gradient of the tower's shared parameters (pooling, "
+                                     "basket ages) is scaled by this before clipping, leaving the clip norm to the "
+                                     "item parameters (Adam's per-coordinate step undoes the scale)", above=0)
+    dp_examples_per_user: int = setting(1, "DP-SGD: a sampled user's gradient is the mean over this many of their "
+                                        "baskets and searches (all, if fewer): more of one user's data per step at "
+                                        "no privacy cost, for as many times the compute", at_least=1)
     max_targets: int = setting(64, "target-basket items per example (a random subset beyond)", at_least=1)
     patience: int = setting(3, "epochs without validation NDCG@10 gain before stopping", at_least=1)
     eval_batch_size: int = setting(1024, "users scored at once in validation and evaluation", at_least=1)

@@ -101,6 +101,12 @@ class Tower(torch.nn.Module):
     embeddings and attention pooling. Inputs are item text vectors (public) and one batch of
     histories; nothing in a row's output depends on another row."""
 
+    # Read by every user (the pooling, the basket ages, the empty user, the text weight), unlike
+    # the per-item parameters, of which a user's gradient reaches only their own items' rows. Their
+    # gradients are large next to the item rows' (the scores are divided by the temperature), so
+    # under DP-SGD they are scaled down before clipping (`train.dp_shared_scale`).
+    SHARED = ("ages", "head_queries", "head_outputs", "empty_user", "text_weight")
+
     def __init__(self, config: ModelConfig, text_dim: int, items: int):
         super().__init__()
         if not (config.item_text or config.item_ids):

@@ -20,6 +20,7 @@ scoring can find when nothing hides the canaries, and spends nothing.
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
 import time
@@ -42,6 +43,8 @@ from fedrec.privacy.dp_sgd import DPPlan, poisson_sample, round_shape, train_pri
 from fedrec.privacy.one_run_bound import bound_ceiling, epsilon_lower_bound
 from fedrec.privacy.spend import RegionPrivacy
 from fedrec.training.objective import RetrievalObjective, can_train, query_vectors
+
+log = logging.getLogger(__name__)
 
 AUDIT_RUN_PREFIX = "audit-"
 DEFAULT_CANARIES = 200
@@ -185,19 +188,18 @@ def format_empirical(audits: list[EmpiricalAudit]) -> str:
 
 def audit_regions(data: str | Path, regions: list[str], state_dirs: dict[str, Path], budget: RegionBudget,
                   config: FedrecConfig, canaries: int = DEFAULT_CANARIES, confidence: float = CONFIDENCE,
-                  noise_off_control: bool = True,
-                  log: Callable[[str], None] = print) -> list[EmpiricalAudit]:
+                  noise_off_control: bool = True) -> list[EmpiricalAudit]:
     """Each region's DP audit (spending from its ledger in `state_dirs`), then, if asked, its
     noise-off control."""
     audits = []
     for region in regions:
         silo = load_silo(Path(data) / region)
-        log(f"empirical audit of {region}: {canaries} canaries, training at its DP settings (spends from "
-            f"{state_dirs[region]})")
+        log.info(f"empirical audit of {region}: {canaries} canaries, training at its DP settings (spends from "
+                 f"{state_dirs[region]})")
         audits.append(empirical_audit(region, silo, budget, state_dirs[region], config, canaries,
                                       confidence=confidence))
         if noise_off_control:
-            log(f"noise-off control of {region} (synthetic fill-in users, spends nothing)")
+            log.info(f"noise-off control of {region} (synthetic fill-in users, spends nothing)")
             audits.append(empirical_audit(region, silo, budget, state_dirs[region], config, canaries,
                                           confidence=confidence, noise=False))
     return audits

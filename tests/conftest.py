@@ -9,6 +9,17 @@ import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`make test`) each worker takes one core's share of torch threads, so
+    the workers do not fight over the same cores."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))))
+
+
 ONLINE_RETAIL = Path(os.environ.get("FEDREC_ONLINE_RETAIL",
                                     REPO.parent / "shared" / "data" / "online-retail" / "online_retail.csv.gz"))
 

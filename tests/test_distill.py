@@ -75,7 +75,7 @@ def test_distillation_raises_agreement_and_records_provenance(tiny_encoder, cata
     untrained = Student(StudentConfig.derive(config.distill, teacher.config, len(kept), teacher.encoder.dim), pruned)
     before = agreement(untrained, teacher, probe, targets, items)
 
-    student, result = distill(teacher, checkpoint, config, tmp_path / "student", log=lambda _: None)
+    student, result = distill(teacher, checkpoint, config, tmp_path / "student")
     after = agreement(student, teacher, probe, targets, items)
     assert after["cosine"] > before["cosine"] + 0.3, (before, after)
     assert after["search_top10_overlap"] > before["search_top10_overlap"] + 0.15, (before, after)

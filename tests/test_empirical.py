@@ -120,7 +120,7 @@ def test_canaries_never_reach_the_data_a_checkpoint_or_a_non_audit_entry(audits,
     assert audits["silo_unchanged"]
     state = audits["root"] / "dp"
     settings = RegionSettings("uk", str(prepared / "uk"), str(state), audits["budget"])
-    checkpoint = train_alone(settings, audits["config"], tmp_path / "teacher", log=lambda line: None)
+    checkpoint = train_alone(settings, audits["config"], tmp_path / "teacher")
     assert canary_traces(checkpoint) == [] and canary_traces(state) == []
     real_users = sum(can_train(u) for u in load_silo(prepared / "uk").users)
     later = [e for e in Ledger(state / "ledger.jsonl").entries() if not e.run.startswith("audit-")]

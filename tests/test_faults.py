@@ -31,6 +31,7 @@ VICTIMS = {"v-hang": "before-training", "v-mid": "mid-training", "v-ledger": "af
 TIMEOUT = 90.0     # generous: on 2 loaded cores every reply starts a fresh ClientApp process
 
 
+@pytest.mark.xdist_group("faults")     # minutes of real processes: one worker, beside the "flower" group
 def test_regions_killed_or_hung_at_each_stage_never_undercount(tiny_encoder, prepared, tmp_path):
     run_dir = tmp_path / "run"
     deployment = Deployment(tmp_path, prepared)

@@ -26,6 +26,10 @@ from fedrec.privacy.dp_sgd import round_shape
 from fedrec.privacy.ledger import Ledger
 from fedrec.training.objective import can_train
 
+# minutes of real processes each: one pytest-xdist worker runs them one after another (`make test`)
+pytestmark = pytest.mark.xdist_group("flower")
+
+
 def test_two_rounds_three_regions_with_dp_decline_average_and_audit(tiny_encoder, prepared, tmp_path):
     run_dir = tmp_path / "run"
     config = tiny_config(tiny_encoder, prepared, rounds=2, min_regions=2)
@@ -35,8 +39,7 @@ def test_two_rounds_three_regions_with_dp_decline_average_and_audit(tiny_encoder
     budgets = {"eu": RegionBudget(epsilon=40.0, delta=1e-3),                              # DP, ample
                "row": RegionBudget(epsilon=one_round * 1.05, delta=1e-3, noise_multiplier=2.0),  # one round
                "uk": RegionBudget(enabled=False)}                                          # --no-dp
-    history = simulate(prepared, REGIONS, run_dir, config, budgets, tls=True, echo=lambda _: None,
-                       state_root=run_dir / "regions")
+    history = simulate(prepared, REGIONS, run_dir, config, budgets, tls=True, state_root=run_dir / "regions")
 
     assert [r["round"] for r in history] == [1, 2]
     assert sorted(history[0]["regions"]) == REGIONS and not history[0]["declined"]

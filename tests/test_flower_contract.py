@@ -169,6 +169,7 @@ def wait_for_finish(control: Control, run_id: int, timeout: float) -> tuple[str,
     raise AssertionError(f"run {run_id} did not finish within {timeout:.0f}s: {status}")
 
 
+@pytest.mark.xdist_group("flower")
 def test_every_control_method_round_trips_on_a_real_superlink(tmp_path, monkeypatch):
     """Submit a run whose config holds spaces, both quote kinds, a non-ASCII path and an inexact
     float; the ServerApp records the config it received (then stops: no catalog), so what

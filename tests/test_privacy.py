@@ -20,7 +20,7 @@ from fedrec.model.teacher import Teacher
 from fedrec.privacy.accountant import noise_for_budget, opacus_epsilon, pld_epsilon
 from fedrec.privacy.audit import audit
 from fedrec.privacy.budget import RegionBudget
-from fedrec.privacy.dp_sgd import DPPlan, per_user_gradients, train_private
+from fedrec.privacy.dp_sgd import DPPlan, mean_user_gradients, per_user_gradients, train_private
 from fedrec.privacy.ledger import Ledger, LedgerError
 from fedrec.privacy.spend import RegionPrivacy, segments
 from fedrec.training.objective import Example, RetrievalObjective, batch_inputs, can_train
@@ -61,6 +61,40 @@ def test_changing_one_user_changes_only_that_users_per_sample_gradient(tiny_enco
         loss = objective(**batch_inputs([examples[i]], 50, 64, rng))[0]
         alone = torch.autograd.grad(loss, list(params.values()))
         torch.testing.assert_close(flat(before, i), torch.cat([g.flatten() for g in alone]), atol=3e-5, rtol=1e-3)
+
+
+def test_shared_parameters_gradients_are_scaled_before_clipping_and_the_rest_untouched(tiny_encoder, prepared):
+    objective, _ = objective_for(tiny_encoder, prepared)
+    names = {name for name, _ in objective.named_parameters()}
+    shared = {f"tower.{name}" for name in objective.tower.SHARED}
+    assert shared < names and "tower.item_vectors" not in shared and "tower.text_adapter" not in shared
+    inputs = batch_inputs([example([1, 2, 3], [4]), example([5, 6], [7, 8], [0, 1])], 50, 64, np.random.default_rng(0))
+    plain = per_user_gradients(objective, inputs)
+    scaled = per_user_gradients(objective, inputs, shared_scale=0.1)
+    for name in names:
+        torch.testing.assert_close(scaled[name], plain[name] * (0.1 if name in shared else 1.0))
+    # per user, the scaled parameters weigh less in the norm that clipping bounds
+    share = lambda grads: sum(grads[n][0].pow(2).sum() for n in shared) / sum(g[0].pow(2).sum() for g in grads.values())
+    assert share(scaled) < share(plain) and share(plain) > 0
+
+
+def test_a_users_row_is_the_mean_of_their_own_examples_gradients_alone(tiny_encoder, prepared):
+    objective, _ = objective_for(tiny_encoder, prepared)
+    cfg = FedrecConfig().train
+    rng = np.random.default_rng(0)
+    own = [[example([1, 2], [3]), example([3, 1, 2], [4, 5], [0, 1, 1]), example([6], [7])],
+           [example([8], [9])],
+           [example([10, 11], [12]), example([12], [10])]]
+    rows = mean_user_gradients(objective, own, cfg, rng, torch.device("cpu"))
+    for user, examples in enumerate(own):
+        alone = [per_user_gradients(objective, batch_inputs([e], 50, 64, rng), shared_scale=cfg.dp_shared_scale)
+                 for e in examples]
+        mean = torch.stack([flat(g, 0) for g in alone]).mean(0)
+        torch.testing.assert_close(flat(rows, user), mean, atol=3e-5, rtol=1e-3)
+    other = [own[0], [example([20, 21], [22]), example([22], [23])], own[2]]
+    changed = mean_user_gradients(objective, other, cfg, rng, torch.device("cpu"))
+    for user in (0, 2):
+        torch.testing.assert_close(flat(changed, user), flat(rows, user), atol=1e-6, rtol=1e-5)
 
 
 def test_dp_round_changes_the_tower(tiny_encoder, prepared):

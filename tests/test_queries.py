@@ -4,6 +4,7 @@ serving path, per-user independence under DP) and training where no one has vali
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pandas as pd
@@ -197,7 +198,7 @@ def searchers(catalog_frame, tmp_path, retail_slice) -> dict[str, Silo]:
 
 
 def test_a_region_with_only_a_search_log_trains_without_validation_and_learns(
-        tiny_encoder, prepared, catalog_frame, retail_slice, tmp_path):
+        tiny_encoder, prepared, catalog_frame, retail_slice, tmp_path, caplog, monkeypatch):
     silos = searchers(catalog_frame, tmp_path, retail_slice)
     users = silos["search"].users
     assert len(users) == 60 and not any(u.has_split("val") for u in users)
@@ -212,10 +213,12 @@ def test_a_region_with_only_a_search_log_trains_without_validation_and_learns(
         return (scores > scores.gather(1, targets[:, None])).sum(1).float()
 
     before = target_ranks()
-    logged = []
-    result = fit(teacher, silos, config, tmp_path / "ckpt", log=logged.append)
+    monkeypatch.setattr(logging.getLogger("fedrec"), "propagate", True)    # the CLI, run in this process, turns it off
+    with caplog.at_level(logging.INFO, logger="fedrec"):
+        result = fit(teacher, silos, config, tmp_path / "ckpt")
     assert result.best_epoch == 3 and np.isnan(result.best_val_ndcg)
-    assert "no validation users" in logged[0]
+    said = [r.getMessage() for r in caplog.records if r.name == "fedrec.training.trainer"]
+    assert said[0].startswith("training on ") and "no validation users" in said[0]
     assert result.history[-1]["loss"] < result.history[0]["loss"]
     assert target_ranks().mean() < 0.5 * before.mean(), "training on the log brings its items up"
     reloaded = Teacher.load(tmp_path / "ckpt", silos["search"].catalog)
@@ -230,11 +233,11 @@ def test_training_where_every_user_has_one_basket_keeps_the_last_epoch(tiny_enco
     silos = {"uk": Silo("uk", silo.catalog, single)}
     config = config_for(tiny_encoder, **{"train.epochs": 2})
     teacher = Teacher(config.model, silo.catalog)
-    result = fit(teacher, silos, config, tmp_path / "ckpt", log=lambda _: None)
+    result = fit(teacher, silos, config, tmp_path / "ckpt")
     assert result.best_epoch == 2 and (tmp_path / "ckpt" / "tower.safetensors").is_file()
     nobody = {"uk": Silo("uk", silo.catalog, [UserRecord("u", [np.array([1])], [""], 1)])}
     with pytest.raises(FedrecError, match="has anything to train on"):
-        fit(teacher, nobody, config, log=lambda _: None)
+        fit(teacher, nobody, config)
 
 
 def test_cli_train_on_a_search_log_alone_says_there_was_no_validation(

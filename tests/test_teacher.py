@@ -13,7 +13,7 @@ from fedrec.errors import FedrecError
 from fedrec.evaluation.evaluate import evaluate_ranker
 from fedrec.evaluation.rankers import TeacherRanker
 from fedrec.model.teacher import Teacher
-from fedrec.training.objective import Example, RetrievalObjective, batch_inputs, can_train, sample_example
+from fedrec.training.objective import Example, RetrievalObjective, batch_inputs, can_train, sample_examples
 from fedrec.training.trainer import fit, make_optimizer
 
 
@@ -37,7 +37,7 @@ def test_training_lowers_loss_and_changes_only_the_tower(tiny_encoder, prepared)
     objective = RetrievalObjective(teacher.tower)
     rng = np.random.default_rng(0)
     users = [u for u in silos["uk"].users if can_train(u)]
-    batch = batch_inputs([sample_example(u, rng) for u in users[:16]], 50, 64, rng)
+    batch = batch_inputs([sample_examples(u, rng)[0] for u in users[:16]], 50, 64, rng)
     optimizer = make_optimizer(objective, FedrecConfig.from_flat({"train.lr": 0.01}).train)
     losses = []
     for _ in range(15):
@@ -91,7 +91,7 @@ def test_fit_saves_best_checkpoint_that_reloads(tiny_encoder, prepared, tmp_path
                                      "train.batch_size": 16})
     torch.manual_seed(0)
     teacher = Teacher(config.model, catalog)
-    result = fit(teacher, silos, config, tmp_path / "ckpt", log=lambda _: None)
+    result = fit(teacher, silos, config, tmp_path / "ckpt")
     assert len(result.history) == 2 and (tmp_path / "ckpt" / "history.json").is_file()
     reloaded = Teacher.load(tmp_path / "ckpt", catalog)
     for name, value in teacher.adapter_state().items():

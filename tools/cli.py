@@ -35,6 +35,14 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+@app.callback()
+def _start() -> None:
+    """Before every command: the library's progress messages (`logging`) print as its output."""
+    from fedrec.edge_runtime.cli import print_messages
+
+    print_messages()
+
+
 def main() -> None:
     """Entry point: user errors print one clear line and exit 2, never a traceback.
 
@@ -201,7 +209,7 @@ def train(
         budget = _budget(False, epsilon, delta, max_grad_norm, noise_multiplier, accountant)
         settings = RegionSettings(names[0], str(data / names[0]), str(state_dir or default_state_dir(data / names[0])), budget)
         typer.echo(f"region {names[0]} alone under DP (lifetime ε={epsilon:g}, δ={delta:g}; ledger in {settings.state_dir})")
-        typer.echo(f"saved {train_alone(settings, cfg, out, typer.echo)}")
+        typer.echo(f"saved {train_alone(settings, cfg, out)}")
         return
     typer.echo(f"loading the silos of {', '.join(names)}")
     from fedrec.data.silo import load_dataset
@@ -212,7 +220,7 @@ def train(
     catalog = next(iter(silos.values())).catalog
     typer.echo(f"encoding the catalog's {len(catalog):,} item texts with the frozen encoder")
     teacher = Teacher(cfg.model, catalog).to(pick_device())
-    result = fit(teacher, silos, cfg, out, log=typer.echo)
+    result = fit(teacher, silos, cfg, out)
     quality = "no validation users" if math.isnan(result.best_val_ndcg) else f"val NDCG@10 {result.best_val_ndcg:.4f}"
     typer.echo(f"best epoch {result.best_epoch}: {quality}; saved {out}")
 
@@ -239,7 +247,7 @@ def evaluate(
     from fedrec.evaluation.evaluate import build_rankers, evaluate as run, format_report
 
     silos = load_dataset(data, names)
-    rankers = build_rankers(silos, checkpoint, peers=peers, zero_shot=zero_shot, encoder=encoder, log=typer.echo)
+    rankers = build_rankers(silos, checkpoint, peers=peers, zero_shot=zero_shot, encoder=encoder)
     report = run(rankers, silos, split)
     typer.echo(format_report(report))
     if json_out:
@@ -297,7 +305,7 @@ def server(
     try:
         history = serve(cfg, run_dir, listen=listen, superlink=superlink,
                         tls=None if insecure else ServerTLS.in_dir(certs_dir), auth=auth, register=register,
-                        resume=resume, echo=typer.echo)
+                        resume=resume)
     except KeyboardInterrupt:
         typer.echo("interrupted")
         raise typer.Exit(130)
@@ -328,7 +336,7 @@ def client(
     node = RegionSettings(region, str(data), str(state_dir or default_state_dir(data)), budget)
     process = None
     try:
-        process = join(node, superlink, None if insecure else root_cert, auth_key, echo=typer.echo)
+        process = join(node, superlink, None if insecure else root_cert, auth_key)
         typer.echo("connected; waiting for rounds (Ctrl-C to leave)")
         code = process.popen.wait()
         raise FedrecError(f"the SuperNode exited with code {code}; see {process.log}")
@@ -365,7 +373,7 @@ def simulate(
 
     budget = _budget(no_dp, epsilon, delta, max_grad_norm, noise_multiplier, accountant)
     history = run(data, names, run_dir, cfg, {r: budget for r in names}, tls=not insecure, resume=resume,
-                  echo=typer.echo, state_root=state_root)
+                  state_root=state_root)
     typer.echo(f"done: {len(history)} round(s); run folder {run_dir}; final teacher {run_dir / 'final'}")
 
 
@@ -415,7 +423,7 @@ def audit_command(
 
         states = {r: state_root / r if state_root else default_state_dir(data / r) for r in names}
         budget = _budget(False, epsilon, delta, max_grad_norm, noise_multiplier, accountant)
-        measured = audit_regions(data, names, states, budget, cfg, canaries, confidence, control, typer.echo)
+        measured = audit_regions(data, names, states, budget, cfg, canaries, confidence, control)
         typer.echo(format_empirical(measured))
         paths = list(paths) + [s for s in states.values() if s not in paths]
     report = audit(paths, bundle, pinned)
@@ -477,7 +485,7 @@ def demo(
     from fedrec.tools.demo import DEMO_SETTINGS, run_demo
 
     cfg = FedrecConfig.load(config, {**DEMO_SETTINGS, **_overrides(set_)})
-    summary = run_demo(source.resolve(), out, cfg, epsilon, delta, typer.echo)
+    summary = run_demo(source.resolve(), out, cfg, epsilon, delta)
     if not summary["audit_ok"]:
         raise typer.Exit(1)
 
@@ -498,7 +506,7 @@ def distill_command(
     checkpoint = teacher / "final" if not (teacher / TEACHER_FILE).exists() and (teacher / "final").is_dir() else teacher
     cfg = _config(config, set_)
     model = Teacher.load(checkpoint, Catalog.load(data / "catalog.parquet")).to(pick_device())
-    student, result = distill(model, checkpoint, cfg, out, typer.echo)
+    student, result = distill(model, checkpoint, cfg, out)
     typer.echo(f"student saved in {out}: {student.parameter_count():,} parameters, best epoch {result.best_epoch}, "
                f"search top-10 overlap with the teacher {result.validation['search_top10_overlap']:.3f} "
                f"({result.seconds:.0f}s)")
@@ -646,6 +654,6 @@ def serve(bundle: Path = typer.Argument(..., help="Bundle folder or .tar.gz."),
     from fedrec.edge_runtime.cli import ServeError, serve_bundle
 
     try:
-        serve_bundle(bundle, host, port, workers, precision, device, say=typer.echo)
+        serve_bundle(bundle, host, port, workers, precision, device)
     except (BundleError, ServeError) as exc:
         raise FedrecError(str(exc)) from exc

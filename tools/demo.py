@@ -9,12 +9,14 @@ search → privacy audit of the ledgers and of the bundle's claim.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
-from typing import Callable
 
 from fedrec.config import FedrecConfig
 from fedrec.errors import FedrecError
+
+log = logging.getLogger(__name__)
 
 DEMO_SETTINGS = {                  # sized for about 10 minutes on 2 CPU cores; BENCHMARKS.md has fuller runs
     "federation.rounds": 6,
@@ -27,7 +29,7 @@ SHOWN = ("ndcg@10", "recall@10", "mrr")
 
 
 def run_demo(source: Path, out: Path, config: FedrecConfig | None = None, epsilon: float = 8.0,
-             delta: float = 1e-5, echo: Callable[[str], None] = print) -> dict:
+             delta: float = 1e-5) -> dict:
     from fedrec.atomic import write_json
     from fedrec.data.prepare import prepare
     from fedrec.data.silo import load_dataset
@@ -49,52 +51,53 @@ def run_demo(source: Path, out: Path, config: FedrecConfig | None = None, epsilo
     if (out / "federated-run").exists():
         raise FedrecError(f"{out} holds an earlier demo, whose regions spent their privacy budgets on these users",
                           hint=f"Pass another --out, or delete {out} (which discards its privacy records) to start over.")
-    echo(f"1/6 preparing regional silos from {source}")
+    log.info(f"1/6 preparing regional silos from {source}")
     prepared = prepare(source, out / "silos")
     regions = sorted(prepared.summary["regions"])
     for region, counts in prepared.summary["regions"].items():
-        echo(f"    {region}: {counts['users']} users, {counts['users_with_test']} with a test basket")
+        log.info(f"    {region}: {counts['users']} users, {counts['users_with_test']} with a test basket")
 
-    echo(f"2/6 federated training with user-level DP (lifetime ε={epsilon:g}, δ={delta:g} per region; "
-         f"records beside each silo in {out / 'silos'}/<region>/.fedrec), "
-         f"{config.federation.rounds} rounds over a TLS loopback Flower deployment")
+    log.info(f"2/6 federated training with user-level DP (lifetime ε={epsilon:g}, δ={delta:g} per region; "
+             f"records beside each silo in {out / 'silos'}/<region>/.fedrec), "
+             f"{config.federation.rounds} rounds over a TLS loopback Flower deployment")
     run_dir = out / "federated-run"
     budgets = {r: RegionBudget(epsilon=epsilon, delta=delta) for r in regions}
-    simulate(out / "silos", regions, run_dir, config, budgets, tls=True, echo=echo)
+    simulate(out / "silos", regions, run_dir, config, budgets, tls=True)
 
-    echo("3/6 full-catalog evaluation on every test user, beside the non-private peers")
+    log.info("3/6 full-catalog evaluation on every test user, beside the non-private peers")
     silos = load_dataset(out / "silos")
     catalog = silos[regions[0]].catalog
-    rankers = build_rankers(silos, [run_dir / "final"], encoder=config.model.encoder or None, log=echo)
+    rankers = build_rankers(silos, [run_dir / "final"], encoder=config.model.encoder or None)
     rankers["federated DP teacher"] = rankers.pop(str(run_dir / "final"))
     report = evaluate(rankers, silos, "test")
-    echo(format_report(report, SHOWN))
+    log.info(format_report(report, SHOWN))
     write_json(out / "evaluation.json", report)
 
-    echo("4/6 distilling a small query encoder from the DP teacher on public inputs only")
+    log.info("4/6 distilling a small query encoder from the DP teacher on public inputs only")
     teacher = Teacher.load(run_dir / "final", catalog)
-    student, _ = distill(teacher, run_dir / "final", config, out / "student", echo)
+    student, _ = distill(teacher, run_dir / "final", config, out / "student")
 
-    echo("5/6 edge bundle (ONNX FP32 + INT8), evaluated through the torch-free runtime")
+    log.info("5/6 edge bundle (ONNX FP32 + INT8), evaluated through the torch-free runtime")
     bundle = export_bundle(out / "student", catalog, out / "bundle", tar=True)   # no metrics: they are not DP
     edge = EdgeModel(bundle, "int8")
     report["bundle (INT8, runtime API)"] = evaluate_ranker(BundleRanker(edge, catalog), silos, "test")
     write_json(out / "evaluation.json", report)
-    echo(format_report({k: report[k] for k in ("co-occurrence", "federated DP teacher", "bundle (INT8, runtime API)")},
-                       SHOWN))
+    compared = ("co-occurrence", "federated DP teacher", "bundle (INT8, runtime API)")
+    log.info(format_report({k: report[k] for k in compared}, SHOWN))
     for region in regions[:2]:
         user = silos[region].eval_users("test")[0]
         history, ages, _, _ = user.eval_case("test")
         ids = [catalog.item_ids[i] for i in history]
-        echo(f"    a {region} customer whose last basket held: {'; '.join(catalog.titles[i] for i in history[ages == 0][:3])}")
+        basket = "; ".join(catalog.titles[i] for i in history[ages == 0][:3])
+        log.info(f"    a {region} customer whose last basket held: {basket}")
         for r in edge.recommend(ids, 3, ages=ages.tolist()):
-            echo(f"      → {r.title} ({r.score:.1f}, closest to {r.because})")
+            log.info(f"      → {r.title} ({r.score:.1f}, closest to {r.because})")
     for r in edge.search("christmas lights", 3):
-        echo(f"    search 'christmas lights' → {r.title} ({r.score:.1f})")
+        log.info(f"    search 'christmas lights' → {r.title} ({r.score:.1f})")
 
-    echo("6/6 privacy audit of every region's ledger and of the bundle's claim")
+    log.info("6/6 privacy audit of every region's ledger and of the bundle's claim")
     audited = audit([run_dir, out / "silos"], bundle=bundle)
-    echo(format_audit(audited))
+    log.info(format_audit(audited))
     summary = {"minutes": (time.perf_counter() - started) / 60, "audit_ok": audited.ok,
                "test_ndcg@10": {k: v["overall"]["ndcg@10"] for k, v in report.items()},
                "student_parameters": student.parameter_count(),
@@ -105,7 +108,7 @@ def run_demo(source: Path, out: Path, config: FedrecConfig | None = None, epsilo
                              "evaluation": str(out / "evaluation.json"),
                              "ledgers": [str(default_state_dir(out / "silos" / r) / LEDGER_FILE) for r in regions]}}
     write_json(out / "demo-summary.json", summary)
-    echo(f"done in {summary['minutes']:.1f} min. Artefacts:")
+    log.info(f"done in {summary['minutes']:.1f} min. Artefacts:")
     for name, path in summary["artefacts"].items():
-        echo(f"    {name}: {path}")
+        log.info(f"    {name}: {path}")
     return summary

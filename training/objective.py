@@ -85,9 +85,12 @@ def make_example(user: UserRecord, point: Point, rng: np.random.Generator,
     return Example(shuffled[:cut], np.zeros(cut, dtype=np.int64), shuffled[cut:])
 
 
-def sample_example(user: UserRecord, rng: np.random.Generator, queries: QueryVectors | None = None) -> Example:
+def sample_examples(user: UserRecord, rng: np.random.Generator, count: int = 1,
+                    queries: QueryVectors | None = None) -> list[Example]:
+    """`count` of the user's prediction points, distinct, drawn at random (all of them if fewer)."""
     points = prediction_points(user)
-    return make_example(user, points[int(rng.integers(len(points)))], rng, queries)
+    picked = rng.choice(len(points), min(count, len(points)), replace=False)
+    return [make_example(user, points[int(i)], rng, queries) for i in picked]
 
 
 def batch_inputs(examples: list[Example], history_items: int, max_targets: int, rng: np.random.Generator,

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from fedrec.training.early_stopping import EarlyStopping
 from fedrec.errors import FedrecError
 from fedrec.training.objective import (QueryVectors, RetrievalObjective, batch_inputs, can_train, make_example,
                                        prediction_points, query_vectors)
+
+log = logging.getLogger(__name__)
 
 
 def make_optimizer(objective: RetrievalObjective, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -78,7 +81,7 @@ class FitResult:
 
 
 def fit(teacher: Teacher, silos: dict[str, Silo], config: FedrecConfig, out_dir: str | Path | None = None,
-        log: Callable[[str], None] = print, queries: QueryVectors | None = None) -> FitResult:
+        queries: QueryVectors | None = None) -> FitResult:
     """Train on the pooled users of `silos` (their baskets and searches), early-stopping on
     validation NDCG@10. Without validation users (none has three baskets: e.g. a region with only
     a search log) every epoch runs and the last is kept.
@@ -100,9 +103,9 @@ def fit(teacher: Teacher, silos: dict[str, Silo], config: FedrecConfig, out_dir:
     schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(0.05 * steps), steps)
     validate = any(u.has_split("val") for silo in silos.values() for u in silo.users)
     searches = sum(len(u.searches) for u in users)
-    log(f"training on {len(users):,} users ({searches:,} searches): up to {cfg.epochs} epoch(s) of "
-        f"{steps // cfg.epochs:,} steps, " + ("each followed by validation" if validate else
-                                           "no validation users (none has 3 baskets): every epoch runs, the last is kept"))
+    log.info(f"training on {len(users):,} users ({searches:,} searches): up to {cfg.epochs} epoch(s) of "
+             f"{steps // cfg.epochs:,} steps, " + ("each followed by validation" if validate else "no validation "
+                                                "users (none has 3 baskets): every epoch runs, the last is kept"))
     result, stopper = FitResult(0, float("nan")), EarlyStopping(cfg.patience)
     for epoch in range(1, cfg.epochs + 1):
         started = time.perf_counter()
@@ -111,20 +114,20 @@ def fit(teacher: Teacher, silos: dict[str, Silo], config: FedrecConfig, out_dir:
         seconds = time.perf_counter() - started
         result.history.append({"epoch": epoch, "loss": loss, "epoch_seconds": seconds})
         if not validate:
-            log(f"epoch {epoch}: loss {loss:.4f} ({seconds:.0f}s)")
+            log.info(f"epoch {epoch}: loss {loss:.4f} ({seconds:.0f}s)")
             result.best_epoch = epoch
             continue
         val = evaluate_ranker(TeacherRanker(teacher, cfg.eval_batch_size), silos, "val",
                               desc=f"epoch {epoch}/{cfg.epochs} validation")
         ndcg = val["overall"]["ndcg@10"]
         result.history[-1]["val"] = val
-        log(f"epoch {epoch}: loss {loss:.4f}, val NDCG@10 {ndcg:.4f} ({seconds:.0f}s)")
+        log.info(f"epoch {epoch}: loss {loss:.4f}, val NDCG@10 {ndcg:.4f} ({seconds:.0f}s)")
         if stopper.update(epoch, ndcg, teacher.adapter_state):
             result.best_epoch, result.best_val_ndcg = epoch, ndcg
             if out_dir:
                 teacher.save(out_dir, {"trained_on": sorted(silos), "epoch": epoch, "val_ndcg@10": ndcg})
         elif stopper.should_stop:
-            log(f"early stop: no validation gain for {cfg.patience} epoch(s)")
+            log.info(f"early stop: no validation gain for {cfg.patience} epoch(s)")
             break
     if validate:
         teacher.load_adapter_state(stopper.best_state)
