@@ -12,6 +12,7 @@ from functools import partial
 from pathlib import Path
 
 from fedrec.edge_runtime.bundle import BundleError
+from fedrec.edge_runtime.messages import print_messages
 from fedrec.edge_runtime.runtime import EdgeModel
 from fedrec.edge_runtime.server import serve
 
@@ -20,27 +21,6 @@ log = logging.getLogger("fedrec.edge_runtime.cli")       # by name: run with `py
 
 class ServeError(Exception):
     """The server cannot start; the message says why and what to do."""
-
-
-class _Printed(logging.Handler):
-    """Prints to `sys.stdout` as it is at each message, not as it was at set-up (a test's
-    CliRunner swaps it)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        print(self.format(record), flush=True)
-
-
-def print_messages() -> None:
-    """Show fedrec's messages as a command's own output: the bare message on stdout, from INFO
-    up. Not propagated to the root logger, so a handler a library put there does not repeat them.
-    Set up once per process however often it is called."""
-    fedrec = logging.getLogger("fedrec")
-    if not any(isinstance(h, _Printed) for h in fedrec.handlers):
-        handler = _Printed()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        fedrec.addHandler(handler)
-    fedrec.setLevel(logging.INFO)
-    fedrec.propagate = False
 
 
 def serve_bundle(bundle: str | Path, host: str = "127.0.0.1", port: int = 8080, workers: int = 1,

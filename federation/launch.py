@@ -105,20 +105,18 @@ def serve(config: FedrecConfig, run_dir: Path, *, listen: str = "127.0.0.1:8000"
 
 
 def join(node: RegionSettings, superlink: str, root_cert: Path | None = None, auth_key: Path | None = None,
-         connected_within: float | None = 120.0, announce: bool = True) -> Process:
+         connected_within: float | None = 120.0) -> Process:
     """One region joins the federation as a SuperNode. Its budget is checked against its own data
     first (δ below 1/users), so nothing starts for a budget that could not hold. Returns the
-    running SuperNode, once connected (or at once, with `connected_within=None`). `announce`
-    says its users and budget (simulate names all its regions in one line instead)."""
+    running SuperNode, once connected (or at once, with `connected_within=None`)."""
     users = sum(can_train(u) for u in node.silo().users)
     node.budget.validate(users)
     process = start_supernode(f"supernode-{node.region}", superlink, node.node_config(), Path(node.state_dir),
                               root_cert, auth_key, wait=False)
     budget = node.budget
-    if announce:
-        log.info(f"region {node.region}: {users} users, "
-                 f"{f'DP ε={budget.epsilon:g} δ={budget.delta:g}' if budget.enabled else 'NO DP'}; "
-                 f"SuperNode log {process.log}")
+    log.info(f"region {node.region}: {users} users, "
+             f"{f'DP ε={budget.epsilon:g} δ={budget.delta:g}' if budget.enabled else 'NO DP'}; "
+             f"SuperNode log {process.log}")
     if connected_within is not None:
         try:
             process.wait_for("SuperNode ID:", connected_within)
@@ -147,7 +145,7 @@ def simulate(data_root: Path, regions: list[str], run_dir: Path, config: FedrecC
             for region in regions:
                 state_dir = state_root / region if state_root else default_state_dir(data_root / region)
                 node = RegionSettings(region, str(data_root / region), str(state_dir), budgets[region])
-                joined.append(join(node, address, pki.ca if pki else None, connected_within=None, announce=False))
+                joined.append(join(node, address, pki.ca if pki else None, connected_within=None))
             for process in joined:
                 process.wait_for("SuperNode ID:", 120)
             log.info(f"SuperLink on {address} ({'TLS' if pki else 'insecure'}); regions {', '.join(regions)}")

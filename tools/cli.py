@@ -38,7 +38,7 @@ def _interrupt(signum, frame):
 @app.callback()
 def _start() -> None:
     """Before every command: the library's progress messages (`logging`) print as its output."""
-    from fedrec.edge_runtime.cli import print_messages
+    from fedrec.edge_runtime.messages import print_messages
 
     print_messages()
 
