@@ -1,6 +1,6 @@
 """What limits the federated DP teacher: one in-process FedAvg run per setting.
 
-    python bench/dp_ablation.py NAME '{"train.dp_shared_scale": 0.1, ...}' [--noise-off] [--decay]
+    python bench/dp_ablation.py NAME '{"train.dp_shared_scale": 0.1, ...}' [--noise-off] [--decay] [--pca]
         → appends to results/dp_ablation.json
 
 The regions' real round code minus the transport and the ledger (`train_private` on each region's
@@ -9,7 +9,8 @@ users from the global tower, example-weighted FedAvg), 10 rounds × 2 expected p
 "regions" are the benchmark's silos, and nothing it trains is shipped. `--noise-off` keeps Poisson
 sampling and clipping but sets σ = 0: **not private**, the diagnostic that says how much of the
 gap to the central teacher the noise costs. `--decay` lowers the learning rate over rounds
-(cosine). Beside the last global tower it also evaluates exponential moving averages of the
+(cosine). `--pca` starts the text adapter at the catalog texts' top principal directions (public
+data, so free in privacy) instead of a random projection. Beside the last global tower it also evaluates exponential moving averages of the
 globals over rounds (post-processing of DP releases, so free in privacy).
 """
 
@@ -29,17 +30,22 @@ from fedrec.evaluation.evaluate import evaluate_ranker
 from fedrec.evaluation.rankers import TeacherRanker
 from fedrec.model.teacher import Teacher
 from fedrec.privacy.accountant import noise_for_budget
-from fedrec.privacy.dp_sgd import DPPlan, round_shape, train_private
+from fedrec.privacy.dp_sgd import train_private
+from fedrec.privacy.plan import DPPlan, round_shape
 from fedrec.training.objective import RetrievalObjective, can_train
 
 ROUNDS, LOCAL_EPOCHS, EPSILON, DELTA = 10, 2.0, 8.0, 1e-5
 EMA_DECAYS = (0.5, 0.7, 0.85)
 
 
-def run(settings: dict, noise_off: bool = False, decay: bool = False) -> dict:
+def run(settings: dict, noise_off: bool = False, decay: bool = False, pca: bool = False) -> dict:
     silos = load_dataset(silos_dir())
     config = FedrecConfig.from_flat(settings)
     teacher = Teacher(config.model, silos["uk"].catalog, WORK / "dp-ablation-cache")
+    if pca:     # the text adapter starts as the catalog texts' top principal directions (public data)
+        directions = torch.linalg.svd(teacher.tower.text, full_matrices=False).Vh[:config.model.dim]
+        with torch.no_grad():
+            teacher.tower.text_adapter.copy_(directions * (teacher.tower.text_adapter.norm() / directions.norm()))
     plans = {}
     for region, silo in silos.items():
         users = [u for u in silo.users if can_train(u)]
@@ -67,7 +73,7 @@ def run(settings: dict, noise_off: bool = False, decay: bool = False) -> dict:
         teacher.load_adapter_state(state)
         return {r: m["ndcg@10"] for r, m in evaluate_ranker(TeacherRanker(teacher), silos).items()}
 
-    return {"settings": settings, "noise_off": noise_off, "decay": decay, "seconds": seconds,
+    return {"settings": settings, "noise_off": noise_off, "decay": decay, "pca": pca, "seconds": seconds,
             "sigma": {r: p.noise_multiplier for r, (_, p) in plans.items()},
             "test_ndcg@10": test(tower), "ema_test_ndcg@10": {str(b): test(s) for b, s in averages.items()}}
 
@@ -76,7 +82,8 @@ def main(name: str, settings: str = "{}", *flags: str) -> None:
     torch.manual_seed(0)
     path = RESULTS / "dp_ablation.json"
     runs = json.loads(path.read_text())["runs"] if path.is_file() else []
-    runs.append({"name": name, **run(json.loads(settings), "--noise-off" in flags, "--decay" in flags)})
+    runs.append({"name": name, **run(json.loads(settings), "--noise-off" in flags, "--decay" in flags,
+                                      "--pca" in flags)})
     save("dp_ablation", {"rounds": ROUNDS, "local_epochs": LOCAL_EPOCHS, "epsilon": EPSILON, "delta": DELTA,
                          "runs": runs})
 

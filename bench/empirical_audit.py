@@ -6,16 +6,19 @@ bound from the default number of canaries, its ceiling, and the noise-off contro
 
 Silos come from `fedrec data prepare` of today's code (runs/bench/audit-silos, prepared if
 missing); each region spends from a fresh ledger in runs/bench/empirical-audit-records (a what-if:
-in a deployment the audit spends from the ledger beside the silo).
+in a deployment the audit spends from the ledger beside the silo). Each invocation's regions
+replace their earlier entry in the results; other regions' entries are kept.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import sys
 import time
 
-from common import ONLINE_RETAIL, WORK, save, show_progress
+from common import ONLINE_RETAIL, RESULTS, WORK, save, show_progress
 from fedrec.config import FedrecConfig
 from fedrec.data.prepare import prepare
 from fedrec.privacy.budget import RegionBudget
@@ -30,18 +33,22 @@ def main(regions: str = "eu", canaries: str = str(DEFAULT_CANARIES)) -> None:
     if not (silos / "summary.json").is_file():
         prepare(ONLINE_RETAIL, silos)
     records = WORK / "empirical-audit-records"
-    shutil.rmtree(records, ignore_errors=True)
     names = regions.split(",")
+    for region in names:
+        shutil.rmtree(records / region, ignore_errors=True)
     config = FedrecConfig.from_flat(DEMO_SETTINGS)
     started = time.perf_counter()
     audits = audit_regions(silos, names, {r: records / r for r in names}, RegionBudget(epsilon=EPSILON, delta=DELTA),
                            config, int(canaries))
     seconds = time.perf_counter() - started
     print(format_empirical(audits))
+    path = RESULTS / "empirical_audit.json"
+    earlier = json.loads(path.read_text())["runs"] if path.is_file() else []
+    runs = [r for r in earlier if not set(r["regions"]) & set(names)] + [{
+        "regions": names, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_seconds": seconds,
+        "load_average_after": os.getloadavg(), "audits": [a.to_json() for a in audits]}]
     save("empirical_audit", {"settings": DEMO_SETTINGS, "epsilon": EPSILON, "delta": DELTA, "silos": str(silos),
-                             "canaries": int(canaries), "wall_seconds": seconds,
-                             "note": "the host's 2 cores were shared with other jobs during this run",
-                             "audits": [a.to_json() for a in audits]})
+                             "canaries": int(canaries), "runs": runs})
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ travel.
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -19,6 +20,8 @@ from fedrec.errors import FedrecError
 from fedrec.federation.run_folder import RunFolder
 from fedrec.federation.strategy import Aggregator, RegionUpdate
 from fedrec.privacy.claims import ClaimError, PrivacyClaim
+
+log = logging.getLogger(__name__)
 
 State = dict[str, np.ndarray]
 
@@ -62,9 +65,6 @@ def invalid_update(sent: State, expected: State) -> str:
     return ""
 
 
-def log(text: str) -> None:
-    print(f"[fedrec server] {text}", flush=True)
-
 
 class Coordinator:
     def __init__(self, grid: Grid, config: FedrecConfig, run_name: str, catalog_fingerprint: str):
@@ -106,7 +106,7 @@ class Coordinator:
         if node not in self.region_of:
             self.region_of[node] = region
             if self.node_of.get(region, node) != node:
-                log(f"region {region} reconnected as node {node}; node {self.node_of[region]} is superseded")
+                log.info(f"region {region} reconnected as node {node}; node {self.node_of[region]} is superseded")
             self.node_of[region] = node
 
     def exchange(self, nodes: list[int], kind: str, adapters: State | None, config: dict,
@@ -137,7 +137,7 @@ class Coordinator:
         last = run.last_round()
         if last:
             adapters, moments = run.load_round(last)
-            log(f"resuming after round {last}")
+            log.info(f"resuming after round {last}")
         else:
             adapters, moments = initial, {}
         aggregator = Aggregator(fed, moments)
@@ -155,7 +155,7 @@ class Coordinator:
                 region = info["region"]
                 if info.get("status") == "declined":
                     record["declined"][region] = info.get("reason", "")
-                    log(f"round {server_round}: {info.get('reason', region + ' declined')}")
+                    log.info(f"round {server_round}: {info.get('reason', region + ' declined')}")
                     continue
                 sent = from_record(reply.content["arrays"])
                 problem = invalid_update(sent, adapters)
@@ -165,7 +165,7 @@ class Coordinator:
                 problem = problem or claim_problem
                 if problem:
                     record["dropped"][region] = f"update rejected: {problem}"
-                    log(f"round {server_round}: region {region}'s update rejected ({problem})")
+                    log.info(f"round {server_round}: region {region}'s update rejected ({problem})")
                     continue
                 updates.append(RegionUpdate(region, sent, int(metrics["num_examples"])))
                 record["regions"][region] = {**metrics, "bytes_sent": state_bytes(sent)}
@@ -174,10 +174,10 @@ class Coordinator:
                     record["regions"][region].update(epsilon=claim.epsilon, noise_multiplier=info["noise_multiplier"])
             for node, reason in failed.items():
                 record["dropped"][self.name(node)] = reason
-                log(f"round {server_round}: region {self.name(node)} dropped ({reason})")
+                log.info(f"round {server_round}: region {self.name(node)} dropped ({reason})")
             if not updates:
                 if record["declined"] and not failed:
-                    log("every region declined (privacy budgets spent): ending the run")
+                    log.info("every region declined (privacy budgets spent): ending the run")
                     break
                 raise FedrecError(f"round {server_round}: no region returned an update")
             if len(updates) < fed.min_regions:
@@ -193,11 +193,11 @@ class Coordinator:
                 for node, reply in evaluated.items():
                     record["regions"].setdefault(self.name(node), {}).update(dict(reply.content["metrics"]))
                 for node, reason in eval_failed.items():
-                    log(f"round {server_round}: region {self.name(node)} did not evaluate ({reason})")
+                    log.info(f"round {server_round}: region {self.name(node)} did not evaluate ({reason})")
             record["seconds"] = time.perf_counter() - started
             run.complete_round(server_round, adapters, aggregator.moments, record, claims)
             summary = ", ".join(f"{r}: loss {m.get('train_loss', float('nan')):.3f}"
                                 + (f" val NDCG@10 {m['val_ndcg@10']:.4f}" if "val_ndcg@10" in m else "")
                                 for r, m in sorted(record["regions"].items()))
-            log(f"round {server_round}/{fed.rounds} done in {record['seconds']:.0f}s — {summary}")
+            log.info(f"round {server_round}/{fed.rounds} done in {record['seconds']:.0f}s — {summary}")
         return adapters

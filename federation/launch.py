@@ -42,6 +42,7 @@ def follow(control: Control, run_id: int, run_dir: Path, rounds: int, poll: floa
     shown = 0
     with tqdm(total=rounds, desc="rounds", unit="round") as bar:
         while True:
+            status, sub_status, details = control.status(run_id)   # before reading: once finished, all rounds are in
             history = json.loads(metrics.read_text()) if metrics.exists() else []
             for record in history[shown:]:
                 regions = record["regions"]
@@ -53,7 +54,6 @@ def follow(control: Control, run_id: int, run_dir: Path, rounds: int, poll: floa
                     log.warning(f"round {record['round']}: {reason}")
                 bar.update(1)
             shown = len(history)
-            status, sub_status, details = control.status(run_id)
             if status == "finished":
                 if sub_status != "completed":
                     raise FedrecError(f"the federation run {run_id} {sub_status}: {details}\n"

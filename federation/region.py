@@ -22,8 +22,9 @@ from fedrec.evaluation.evaluate import evaluate_ranker
 from fedrec.evaluation.rankers import TeacherRanker
 from fedrec.model.teacher import Teacher, initial_tower_state, pick_device, save_checkpoint
 from fedrec.privacy.budget import RegionBudget
-from fedrec.privacy.dp_sgd import DPPlan, train_private
+from fedrec.privacy.dp_sgd import train_private
 from fedrec.privacy.claims import PrivacyClaim
+from fedrec.privacy.plan import DPPlan
 from fedrec.privacy.spend import RegionPrivacy
 from fedrec.training.objective import RetrievalObjective, can_train, query_vectors
 from fedrec.training.trainer import make_optimizer, train_epochs

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 from pathlib import Path
 
 import torch
@@ -10,16 +12,30 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedrec.config import FedrecConfig
 from fedrec.errors import FedrecError
-from fedrec.federation.coordinator import Coordinator, log
+from fedrec.federation.coordinator import Coordinator
 from fedrec.federation.run_folder import RunFolder
 from fedrec.data.silo import Catalog
 from fedrec.model.teacher import initial_tower_state, save_checkpoint
 
 app = ServerApp()
+log = logging.getLogger(__name__)
+
+
+def show_messages() -> None:
+    """fedrec's messages on this process's stdout, which Flower forwards as the run's log
+    (`fedrec server` follows it), each marked as the coordinator's."""
+    fedrec = logging.getLogger("fedrec")
+    if not fedrec.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("[fedrec server] %(message)s"))
+        fedrec.addHandler(handler)
+    fedrec.setLevel(logging.INFO)
+    fedrec.propagate = False
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    show_messages()
     config = FedrecConfig.from_flat(context.run_config)
     if not config.federation.run_dir:
         raise FedrecError("federation.run_dir is not set", hint="Start runs with `fedrec server --run-dir DIR`.")
@@ -30,10 +46,10 @@ def main(grid: Grid, context: Context) -> None:
     catalog = Catalog.load(config.federation.catalog)
     torch.manual_seed(config.train.seed)          # the same initial tower on every restart
     initial = initial_tower_state(config.model, catalog)
-    log(f"run {run.run_id}: {config.federation.rounds} rounds, strategy {config.federation.strategy}; "
+    log.info(f"run {run.run_id}: {config.federation.rounds} rounds, strategy {config.federation.strategy}; "
         f"the tower's {sum(v.size for v in initial.values()):,} parameters travel, for {len(catalog):,} catalog items")
     tower = Coordinator(grid, config, run.run_id, catalog.fingerprint).run(run, initial)
     save_checkpoint(run_dir / "final", config.model, tower, catalog,
                     {"federated_run": str(run_dir), "run_id": run.run_id, "rounds": run.last_round(),
                      "privacy": {region: claim.to_json() for region, claim in run.privacy.claims.items()}})
-    log(f"final teacher saved in {run_dir / 'final'}")
+    log.info(f"final teacher saved in {run_dir / 'final'}")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save
 from tokenizers import Tokenizer
-from transformers import BertConfig, BertModel
+import transformers
 
 import fedrec
 from fedrec.atomic import atomic_file, write_json
@@ -52,7 +52,7 @@ class Student(TextEncoder):
         super().__init__(config.max_item_tokens, config.max_query_tokens)
         self.config, self.tokenizer_json = config, tokenizer_json
         self.tokenizer = Tokenizer.from_str(tokenizer_json)
-        self.encoder = BertModel(BertConfig(
+        self.encoder = transformers.BertModel(transformers.BertConfig(
             vocab_size=config.vocab_size, hidden_size=config.hidden, num_hidden_layers=config.layers,
             num_attention_heads=config.heads, intermediate_size=config.intermediate,
             max_position_embeddings=max(config.max_item_tokens, config.max_query_tokens),

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save
-from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel
+import transformers
 
 import fedrec
 from fedrec.atomic import atomic_file, write_json
@@ -63,11 +63,11 @@ def create_random_encoder(out_dir: str | Path, hidden: int = 32, layers: int = 2
     """A tiny randomly initialised BERT with the default encoder's tokenizer, for fast tests."""
     torch.manual_seed(seed)
     out_dir = Path(out_dir)
-    tokenizer = AutoTokenizer.from_pretrained(default_encoder_dir())
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+    tokenizer = transformers.AutoTokenizer.from_pretrained(default_encoder_dir())
+    config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=heads, intermediate_size=2 * hidden,
                         max_position_embeddings=512)
-    BertModel(config).save_pretrained(out_dir)
+    transformers.BertModel(config).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
 
@@ -82,8 +82,8 @@ class FrozenEncoder(TextEncoder):
     def __init__(self, encoder: str, max_item_tokens: int, max_query_tokens: int):
         super().__init__(max_item_tokens, max_query_tokens)
         encoder_dir = resolve_encoder_dir(encoder)
-        self.tokenizer = AutoTokenizer.from_pretrained(encoder_dir)
-        self.encoder = AutoModel.from_pretrained(encoder_dir, attn_implementation="eager").eval()
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(encoder_dir)
+        self.encoder = transformers.AutoModel.from_pretrained(encoder_dir, attn_implementation="eager").eval()
         self.encoder.requires_grad_(False)
 
     def tokenize(self, texts: list[str], max_tokens: int) -> dict[str, torch.Tensor]:
@@ -307,7 +307,7 @@ class Teacher(torch.nn.Module):
 def initial_tower_state(config: ModelConfig, catalog: Catalog) -> dict[str, np.ndarray]:
     """The tower every region starts from, without computing any text vectors (the coordinator's
     start): its shapes need only the encoder's width and the catalog's size."""
-    text_dim = AutoConfig.from_pretrained(resolve_encoder_dir(config.encoder)).hidden_size
+    text_dim = transformers.AutoConfig.from_pretrained(resolve_encoder_dir(config.encoder)).hidden_size
     return {name: p.detach().numpy().copy() for name, p in Tower(config, text_dim, len(catalog)).named_parameters()}
 
 

@@ -14,14 +14,11 @@ user's clipped norm and leave the item rows, which the noise hits hardest, with 
 
 from __future__ import annotations
 
-import math
 import secrets
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
-from opacus.optimizers import DPOptimizer
 from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
@@ -29,31 +26,11 @@ from fedrec.config import TrainConfig
 from fedrec.data.silo import UserRecord
 from fedrec.errors import FedrecError
 from fedrec.faults import freeze_point
+from fedrec.privacy.plan import DPPlan
 from fedrec.training.objective import Example, QueryVectors, RetrievalObjective, batch_inputs, sample_examples
 from fedrec.training.trainer import make_optimizer
 
-MAX_SAMPLE_RATE = 0.25      # above this, subsampling barely amplifies privacy: take more, smaller steps
 INPUTS = ("history", "ages", "mask", "targets", "target_weights", "query", "is_query")
-
-
-@dataclass(frozen=True)
-class DPPlan:
-    """What one round will spend: `steps` Poisson-sampled steps at rate q with noise σ."""
-
-    users: int
-    sample_rate: float
-    steps: int
-    noise_multiplier: float
-    max_grad_norm: float
-
-
-def round_shape(users: int, batch_size: int, local_epochs: float) -> tuple[float, int]:
-    """Sample rate q = B/N (at most MAX_SAMPLE_RATE) and the steps of `local_epochs` expected
-    passes over the users."""
-    if users <= 0:
-        raise FedrecError("this region has no users with training data")
-    sample_rate = min(MAX_SAMPLE_RATE, batch_size / users)
-    return sample_rate, max(1, round(local_epochs * math.ceil(1 / sample_rate)))
 
 
 def poisson_sample(rng: np.random.Generator, users: int, sample_rate: float) -> np.ndarray:
@@ -122,6 +99,10 @@ def train_private(objective: RetrievalObjective, users: list[UserRecord], cfg: T
     params = list(named.values())
     if not params:
         raise FedrecError("the tower has no parameters: nothing would train")
+    # Here, not at the top: Opacus takes seconds to import, and each Flower message runs in a new
+    # process, so a region's evaluate and query replies would pay for it without training.
+    from opacus.optimizers import DPOptimizer
+
     device = params[0].device
     rng = np.random.default_rng(secrets.randbits(128))
     noise = torch.Generator(device).manual_seed(secrets.randbits(63))

@@ -39,8 +39,9 @@ from fedrec.model.teacher import Teacher, initial_tower_state, pick_device
 from fedrec.privacy.accountant import opacus_epsilon
 from fedrec.privacy.budget import RegionBudget
 from fedrec.privacy.canaries import canary_losses, make_canaries
-from fedrec.privacy.dp_sgd import DPPlan, poisson_sample, round_shape, train_private
+from fedrec.privacy.dp_sgd import poisson_sample, train_private
 from fedrec.privacy.one_run_bound import bound_ceiling, epsilon_lower_bound
+from fedrec.privacy.plan import DPPlan, round_shape
 from fedrec.privacy.spend import RegionPrivacy
 from fedrec.training.objective import RetrievalObjective, can_train, query_vectors
 

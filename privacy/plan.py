@@ -1,15 +1,39 @@
-"""`fedrec privacy plan`: the noise a region needs for its budget, before it trains anything."""
+"""What a region will spend before it trains anything: a round's shape and noise (`DPPlan`, what
+DP-SGD runs on) and `fedrec privacy plan`'s report of the noise a budget needs. Free of torch, so
+the accounting side of a region never loads the training loop."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
+from fedrec.errors import FedrecError
 from fedrec.privacy.accountant import noise_for_budget
 from fedrec.privacy.budget import RegionBudget
-from fedrec.privacy.dp_sgd import round_shape
 
+MAX_SAMPLE_RATE = 0.25      # above this, subsampling barely amplifies privacy: take more, smaller steps
 # Above this, the noise on each averaged step exceeds a tenth of a clipped user gradient.
 NOISY_STEP = 0.1
+
+
+@dataclass(frozen=True)
+class DPPlan:
+    """What one round will spend: `steps` Poisson-sampled steps at rate q with noise σ."""
+
+    users: int
+    sample_rate: float
+    steps: int
+    noise_multiplier: float
+    max_grad_norm: float
+
+
+def round_shape(users: int, batch_size: int, local_epochs: float) -> tuple[float, int]:
+    """Sample rate q = B/N (at most MAX_SAMPLE_RATE) and the steps of `local_epochs` expected
+    passes over the users."""
+    if users <= 0:
+        raise FedrecError("this region has no users with training data")
+    sample_rate = min(MAX_SAMPLE_RATE, batch_size / users)
+    return sample_rate, max(1, round(local_epochs * math.ceil(1 / sample_rate)))
 
 
 @dataclass

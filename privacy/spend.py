@@ -21,8 +21,8 @@ from fedrec.errors import FedrecError
 from fedrec.privacy.accountant import noise_for_budget, opacus_epsilon
 from fedrec.privacy.budget import RegionBudget
 from fedrec.privacy.claims import PrivacyClaim
-from fedrec.privacy.dp_sgd import DPPlan, round_shape
 from fedrec.privacy.ledger import LEDGER_FILE, Ledger, LedgerEntry
+from fedrec.privacy.plan import DPPlan, round_shape
 from fedrec.privacy.signing import SigningKey
 
 # A run whose derived σ puts more noise than one clipped gradient on each averaged step would

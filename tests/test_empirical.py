@@ -159,3 +159,28 @@ def test_empirical_audit_refuses_bad_requests_before_spending(prepared, tiny_enc
     with pytest.raises(FedrecError, match="trains without DP"):
         empirical_audit("uk", load_silo(prepared / "uk"), RegionBudget(enabled=False), tmp_path, config)
     assert not ledger.exists()
+
+
+def test_fedrec_audit_empirical_trains_reports_and_records_from_the_command_line(prepared, tiny_encoder, tmp_path):
+    """The privacy officer's path end to end: the real `fedrec` command trains the scratch copy,
+    prints and writes the bound beside the accounted ε, and the audit spend is in the ledger."""
+    import json
+    import subprocess
+    import sys
+
+    from fedrec.privacy.ledger import Ledger
+
+    state, report = tmp_path / "state", tmp_path / "audit.json"
+    settings = {"model.encoder": str(tiny_encoder), **SETTINGS, "federation.local_epochs": 1.0}
+    run = subprocess.run([sys.executable, "-m", "fedrec.tools", "audit", str(state / "row"), "--empirical",
+                          "--data", str(prepared), "--regions", "row", "--state-root", str(state),
+                          "--canaries", "40", "--no-control", "--epsilon", "8", "--noise-multiplier", "1",
+                          "--json", str(report), *[a for k, v in settings.items() for a in ("--set", f"{k}={v}")]],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    (measured,) = json.loads(report.read_text())["empirical"]
+    assert measured["region"] == "row" and measured["canaries"] == 40 and measured["ok"]
+    assert 0 <= measured["lower_bound"] <= measured["accounted_epsilon"] < 8
+    assert "row" in run.stdout and f"{measured['accounted_epsilon']:.3f}" in run.stdout
+    (entry,) = Ledger(state / "row" / "ledger.jsonl").entries()
+    assert entry.run == measured["run"] and entry.run.startswith("audit-")

@@ -49,7 +49,7 @@ def test_regions_killed_or_hung_at_each_stage_never_undercount(tiny_encoder, pre
         config = tiny_config(tiny_encoder, prepared, rounds=3, min_regions=1, round_timeout=TIMEOUT, evaluate_every=0)
         run_id = control.submit(run_config(config, run_dir, resume=False))
 
-        wait_until(lambda: all(m.exists() for m in markers.values()), 180, "every region to reach its stage")
+        wait_until(lambda: all(m.exists() for m in markers.values()), 300, "every region to reach its stage")
         assert {n: json.loads(m.read_text())["where"] for n, m in markers.items()} == \
             {n: f"{n} round 1" for n in VICTIMS}
         for name in ("v-mid", "v-ledger", "v-send"):        # killed there, restarted by their operators

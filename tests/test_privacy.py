@@ -20,7 +20,8 @@ from fedrec.model.teacher import Teacher
 from fedrec.privacy.accountant import noise_for_budget, opacus_epsilon, pld_epsilon
 from fedrec.privacy.audit import audit
 from fedrec.privacy.budget import RegionBudget
-from fedrec.privacy.dp_sgd import DPPlan, mean_user_gradients, per_user_gradients, train_private
+from fedrec.privacy.dp_sgd import mean_user_gradients, per_user_gradients, train_private
+from fedrec.privacy.plan import DPPlan
 from fedrec.privacy.ledger import Ledger, LedgerError
 from fedrec.privacy.spend import RegionPrivacy, segments
 from fedrec.training.objective import Example, RetrievalObjective, batch_inputs, can_train

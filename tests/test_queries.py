@@ -17,7 +17,8 @@ from fedrec.data.prepare import prepare
 from fedrec.data.silo import SESSION_PREFIX, Silo, UserRecord, load_dataset, load_silo
 from fedrec.errors import DataError, FedrecError
 from fedrec.model.teacher import Teacher
-from fedrec.privacy.dp_sgd import DPPlan, per_user_gradients, train_private
+from fedrec.privacy.dp_sgd import per_user_gradients, train_private
+from fedrec.privacy.plan import DPPlan
 from fedrec.tools.cli import app
 from fedrec.training.objective import (Example, RetrievalObjective, batch_inputs, can_train, prediction_points,
                                        query_vectors)

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
+import transformers
 
 from fedrec.atomic import write_json
 from fedrec.config import FedrecConfig, TrainConfig
@@ -100,7 +100,7 @@ def fit(teacher: Teacher, silos: dict[str, Silo], config: FedrecConfig, out_dir:
     objective = RetrievalObjective(teacher.tower)
     optimizer = make_optimizer(objective, cfg)
     steps = cfg.epochs * math.ceil(sum(len(prediction_points(u)) for u in users) / cfg.batch_size)
-    schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(0.05 * steps), steps)
+    schedule = transformers.get_cosine_schedule_with_warmup(optimizer, math.ceil(0.05 * steps), steps)
     validate = any(u.has_split("val") for silo in silos.values() for u in silo.users)
     searches = sum(len(u.searches) for u in users)
     log.info(f"training on {len(users):,} users ({searches:,} searches): up to {cfg.epochs} epoch(s) of "
