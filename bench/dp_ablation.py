@@ -4,7 +4,8 @@
         → appends to results/dp_ablation.json
 
 The regions' real round code minus the transport and the ledger (`train_private` on each region's
-users from the global tower, example-weighted FedAvg), 10 rounds × 2 expected passes, ε = 8,
+users from the global tower, example-weighted FedAvg), 10 rounds × 2 expected passes unless the
+settings give federation.rounds / federation.local_epochs, ε = 8,
 δ = 1e-5 per region, σ derived for the whole run as a region would. It spends no budget: its
 "regions" are the benchmark's silos, and nothing it trains is shipped. `--noise-off` keeps Poisson
 sampling and clipping but sets σ = 0: **not private**, the diagnostic that says how much of the
@@ -41,6 +42,8 @@ EMA_DECAYS = (0.5, 0.7, 0.85)
 def run(settings: dict, noise_off: bool = False, decay: bool = False, pca: bool = False) -> dict:
     silos = load_dataset(silos_dir())
     config = FedrecConfig.from_flat(settings)
+    rounds = int(settings.get("federation.rounds", ROUNDS))            # the run's shape: these two settings,
+    passes = float(settings.get("federation.local_epochs", LOCAL_EPOCHS))   # or 10 rounds × 2 passes
     teacher = Teacher(config.model, silos["uk"].catalog, WORK / "dp-ablation-cache")
     if pca:     # the text adapter starts as the catalog texts' top principal directions (public data)
         directions = torch.linalg.svd(teacher.tower.text, full_matrices=False).Vh[:config.model.dim]
@@ -49,15 +52,15 @@ def run(settings: dict, noise_off: bool = False, decay: bool = False, pca: bool 
     plans = {}
     for region, silo in silos.items():
         users = [u for u in silo.users if can_train(u)]
-        q, steps = round_shape(len(users), config.train.batch_size, LOCAL_EPOCHS)
-        sigma = 0.0 if noise_off else noise_for_budget(EPSILON, DELTA, q, steps * ROUNDS)
+        q, steps = round_shape(len(users), config.train.batch_size, passes)
+        sigma = 0.0 if noise_off else noise_for_budget(EPSILON, DELTA, q, steps * rounds)
         plans[region] = (users, DPPlan(len(users), q, steps, sigma, 1.0))
     started, base_lr = time.perf_counter(), config.train.lr
     tower = teacher.adapter_state()
     averages: dict[float, dict] = {}
-    for server_round in range(ROUNDS):
+    for server_round in range(rounds):
         if decay:
-            config.train.lr = base_lr * 0.5 * (1 + math.cos(math.pi * (server_round + 0.5) / ROUNDS))
+            config.train.lr = base_lr * 0.5 * (1 + math.cos(math.pi * (server_round + 0.5) / rounds))
         updates = []
         for region, (users, plan) in plans.items():
             teacher.load_adapter_state(tower)
@@ -73,7 +76,7 @@ def run(settings: dict, noise_off: bool = False, decay: bool = False, pca: bool 
         teacher.load_adapter_state(state)
         return {r: m["ndcg@10"] for r, m in evaluate_ranker(TeacherRanker(teacher), silos).items()}
 
-    return {"settings": settings, "noise_off": noise_off, "decay": decay, "pca": pca, "seconds": seconds,
+    return {"settings": settings, "rounds": rounds, "local_epochs": passes, "noise_off": noise_off, "decay": decay, "pca": pca, "seconds": seconds,
             "sigma": {r: p.noise_multiplier for r, (_, p) in plans.items()},
             "test_ndcg@10": test(tower), "ema_test_ndcg@10": {str(b): test(s) for b, s in averages.items()}}
 
@@ -84,7 +87,7 @@ def main(name: str, settings: str = "{}", *flags: str) -> None:
     runs = json.loads(path.read_text())["runs"] if path.is_file() else []
     runs.append({"name": name, **run(json.loads(settings), "--noise-off" in flags, "--decay" in flags,
                                       "--pca" in flags)})
-    save("dp_ablation", {"rounds": ROUNDS, "local_epochs": LOCAL_EPOCHS, "epsilon": EPSILON, "delta": DELTA,
+    save("dp_ablation", {"epsilon": EPSILON, "delta": DELTA,
                          "runs": runs})
 
 

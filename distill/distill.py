@@ -29,6 +29,7 @@ from fedrec.model.student import Student, StudentConfig
 from fedrec.distill.vocab import prune_vocabulary
 from fedrec.evaluation.search import title_fragment
 from fedrec.model.teacher import TEACHER_FILE, Teacher
+from fedrec.privacy.claims import parse_claims
 from fedrec.training.early_stopping import EarlyStopping
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,8 @@ def agreement(student: Student, teacher: Teacher, texts: list[str], targets: tor
 def distill(teacher: Teacher, teacher_checkpoint: str | Path, config: FedrecConfig,
             out_dir: str | Path) -> tuple[Student, DistillResult]:
     cfg, model_cfg, catalog = config.distill, teacher.config, teacher.catalog
+    teacher_meta = json.loads((Path(teacher_checkpoint) / TEACHER_FILE).read_text())
+    claims = parse_claims(teacher_meta.get("privacy", {}), f"{teacher_checkpoint}'s privacy claims")  # before any work
     started = time.perf_counter()
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -134,11 +137,10 @@ def distill(teacher: Teacher, teacher_checkpoint: str | Path, config: FedrecConf
     teacher.tower.requires_grad_(True)
     student.load_state_dict(stopper.best_state)
     result.seconds = time.perf_counter() - started
-    teacher_meta = json.loads((Path(teacher_checkpoint) / TEACHER_FILE).read_text())
     student.save(out_dir, {
         "teacher": str(Path(teacher_checkpoint).resolve()),
         "teacher_encoder_parameters": teacher.parameter_counts()["encoder"],
-        "privacy": teacher_meta.get("privacy", {}),
+        "privacy": {region: claim.to_json() for region, claim in claims.items()},
         "distillation_inputs": PUBLIC_INPUTS,
         "additional_epsilon": 0.0,
         "config": {k: v for k, v in config.to_flat().items() if k.startswith("distill.")},

@@ -37,6 +37,7 @@ from fedrec.export.lexical import write_lexical_index
 from fedrec.model.checkpoints import load_checkpoint
 from fedrec.model.encoding import TextEncoder
 from fedrec.model.teacher import Teacher
+from fedrec.privacy.claims import parse_claims
 
 
 class UserTowerGraph(torch.nn.Module):
@@ -129,6 +130,7 @@ def export_bundle(checkpoint: str | Path, catalog: Catalog, out: str | Path, int
     loaded = load_checkpoint(checkpoint, catalog)
     teacher, text_encoder, tokenizer_json, meta = (loaded.teacher.cpu().eval(), loaded.text_encoder.cpu().eval(),
                                                     loaded.tokenizer_json, loaded.meta)
+    claims = parse_claims(meta.get("privacy", {}), f"{checkpoint}'s privacy claims")   # a bad one fails before any work
     config = teacher.config
     items = teacher.item_matrix().numpy().astype(np.float32)
     history = torch.tensor([[0, 1, 2], [3, 0, 0]])
@@ -178,10 +180,10 @@ def export_bundle(checkpoint: str | Path, catalog: Catalog, out: str | Path, int
                 **({"item_index": "items.int8.onnx"} if int8_index else {}),
             },
             "metrics": metrics or {},
-            "privacy": {"regions": meta.get("privacy", {}),
+            "privacy": {"regions": {region: claim.to_json() for region, claim in claims.items()},
                         "statement": "ε per region as recorded in the regions' ledgers; the student and this "
                                      "bundle are post-processing of the DP teacher on public inputs"
-                                     if meta.get("privacy") else "no DP claim: the source model carries none"},
+                                     if claims else "no DP claim: the source model carries none"},
             "files": {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                       for p in sorted(tmp.iterdir()) if p.is_file()},
         }

@@ -675,3 +675,20 @@ def test_the_teacher_exports_too_with_its_own_encoder_for_queries(teacher_dir, c
     np.testing.assert_allclose(EdgeModel(bundle, "fp32").embed_queries(queries(catalog, 20)), reference,
                                rtol=1e-4, atol=1e-4)
     assert verify_bundle(bundle).model.kind == "teacher"
+
+
+def test_a_checkpoint_with_a_malformed_privacy_claim_is_neither_distilled_nor_exported(teacher_dir, catalog,
+                                                                                       tmp_path):
+    """Claims pass through distillation and export as typed claims: one that is not a claim stops
+    both before any work, naming the checkpoint, and nothing is written."""
+    from fedrec.privacy.claims import ClaimError
+
+    forged = tmp_path / "forged"
+    shutil.copytree(teacher_dir, forged)
+    meta = json.loads((forged / "teacher.json").read_text())
+    (forged / "teacher.json").write_text(json.dumps({**meta, "privacy": {"eu": {"epsilon": "small"}}}))
+    with pytest.raises(ClaimError, match=f"{forged}'s privacy claims: region eu"):
+        distill(Teacher.load(forged, catalog), forged, FedrecConfig.from_flat(STUDENT), tmp_path / "student")
+    with pytest.raises(ClaimError, match=f"{forged}'s privacy claims: region eu"):
+        export_bundle(forged, catalog, tmp_path / "bundle")
+    assert not (tmp_path / "student").exists() and not (tmp_path / "bundle").exists()
