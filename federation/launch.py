@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -19,6 +20,7 @@ from fedrec.errors import FedrecError
 from fedrec.federation.certs import ServerTLS, create_dev_pki
 from fedrec.federation.deployment import Control, Process, free_port, start_superlink, start_supernode
 from fedrec.federation.region import RegionSettings, default_state_dir
+from fedrec.model.teacher import TEACHER_FILE
 from fedrec.privacy.budget import RegionBudget
 from fedrec.training.objective import can_train
 
@@ -35,14 +37,18 @@ def run_config(config: FedrecConfig, run_dir: Path, resume: bool) -> dict:
     return flat
 
 
-def follow(control: Control, run_id: int, run_dir: Path, rounds: int, poll: float = 10.0) -> list[dict]:
-    """Progress bar over rounds with per-region metrics, until the Flower run finishes. Each
-    status check is a `flwr list` process (about 2 s of CPU), hence the slow poll."""
-    metrics = run_dir / "metrics.json"
-    shown = 0
+def follow(control: Control, run_id: int, run_dir: Path, rounds: int, poll: float = 5.0,
+           ask_every: float = 30.0) -> list[dict]:
+    """Progress bar over rounds with per-region metrics, until the Flower run finishes. The run
+    folder is read every `poll` s; the SuperLink is asked (a `flwr list` process, about 2 s of CPU)
+    once the final teacher is written, or every `ask_every` s so that a failed run is seen too."""
+    metrics, final = run_dir / "metrics.json", run_dir / "final" / TEACHER_FILE
+    shown, asked = 0, -math.inf
     with tqdm(total=rounds, desc="rounds", unit="round") as bar:
         while True:
-            status, sub_status, details = control.status(run_id)   # before reading: once finished, all rounds are in
+            status = ""
+            if final.exists() or time.monotonic() - asked >= ask_every:    # before reading: once finished, all rounds are in
+                (status, sub_status, details), asked = control.status(run_id), time.monotonic()
             history = json.loads(metrics.read_text()) if metrics.exists() else []
             for record in history[shown:]:
                 regions = record["regions"]

@@ -35,6 +35,21 @@ def wait_until(condition, timeout: float, what: str, every: float = 0.5):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def wait_for_run(control: Control, run_id: int, run_dir: Path, timeout: float) -> tuple[str, str, str]:
+    """(status, sub_status, details) once the run has finished. It watches the run folder for the
+    final teacher (free) and asks the SuperLink only then or every 30 s, so a failed run is still
+    seen: each `flwr list` costs about 2 s of CPU, which on 2 cores slows the regions under test."""
+    deadline = asked = time.monotonic()
+    deadline += timeout
+    while time.monotonic() < deadline:
+        if (run_dir / "final" / "teacher.json").exists() or time.monotonic() - asked > 30:
+            status, asked = control.status(run_id), time.monotonic()
+            if status[0] == "finished":
+                return status
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for run {run_id} to finish")
+
+
 def rounds_done(run_dir: Path) -> list[int]:
     path = run_dir / "metrics.json"
     return [r["round"] for r in json.loads(path.read_text())] if path.exists() else []

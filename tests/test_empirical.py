@@ -112,16 +112,18 @@ def test_the_audit_spend_is_in_the_ledger_and_privacy_status(audits):
 
 @SLOW
 def test_canaries_never_reach_the_data_a_checkpoint_or_a_non_audit_entry(audits, prepared, tmp_path):
+    from fedrec.data.silo import Catalog, load_silo
+    from fedrec.export.bundle import export_bundle
     from fedrec.federation.region import RegionSettings, train_alone
     from fedrec.privacy.ledger import Ledger
     from fedrec.training.objective import can_train
-    from fedrec.data.silo import load_silo
 
     assert audits["silo_unchanged"]
     state = audits["root"] / "dp"
     settings = RegionSettings("uk", str(prepared / "uk"), str(state), audits["budget"])
     checkpoint = train_alone(settings, audits["config"], tmp_path / "teacher")
-    assert canary_traces(checkpoint) == [] and canary_traces(state) == []
+    bundle = export_bundle(checkpoint, Catalog.load(prepared / "catalog.parquet"), tmp_path / "bundle", int8=False)
+    assert canary_traces(checkpoint) == [] and canary_traces(bundle) == [] and canary_traces(state) == []
     real_users = sum(can_train(u) for u in load_silo(prepared / "uk").users)
     later = [e for e in Ledger(state / "ledger.jsonl").entries() if not e.run.startswith("audit-")]
     assert later and all(e.users == real_users for e in later)

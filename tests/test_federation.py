@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from deployments import REGIONS, Deployment, rounds_done, tiny_config, wait_until
+from deployments import REGIONS, Deployment, rounds_done, tiny_config, wait_for_run, wait_until
 
 from fedrec.data.silo import load_silo
 from fedrec.federation.certs import create_dev_pki, create_node_key
@@ -115,8 +115,7 @@ def test_server_killed_mid_round_resumes_without_repeating_or_double_applying(ti
     deployment.start_superlink()                        # same port and database; regions reconnect
     control = deployment.control()
     run_id = control.submit(run_config(config, run_dir, resume=True))
-    wait_until(lambda: control.status(run_id)[0] == "finished", 400, "the resumed run", every=5)
-    assert control.status(run_id)[1] == "completed", control.logs(run_id)
+    assert wait_for_run(control, run_id, run_dir, 400)[1] == "completed", control.logs(run_id)
     history = json.loads((run_dir / "metrics.json").read_text())
     assert [r["round"] for r in history] == [1, 2], "no round repeated or skipped"
     assert "resuming after round 1" in control.logs(run_id)
