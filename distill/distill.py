@@ -29,7 +29,7 @@ from fedrec.model.student import Student, StudentConfig
 from fedrec.distill.vocab import prune_vocabulary
 from fedrec.evaluation.search import title_fragment
 from fedrec.model.teacher import TEACHER_FILE, Teacher
-from fedrec.privacy.claims import parse_claims
+from fedrec.privacy.claims import claims_to_json, parse_claims
 from fedrec.training.early_stopping import EarlyStopping
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ def distill(teacher: Teacher, teacher_checkpoint: str | Path, config: FedrecConf
     student.save(out_dir, {
         "teacher": str(Path(teacher_checkpoint).resolve()),
         "teacher_encoder_parameters": teacher.parameter_counts()["encoder"],
-        "privacy": {region: claim.to_json() for region, claim in claims.items()},
+        "privacy": claims_to_json(claims),
         "distillation_inputs": PUBLIC_INPUTS,
         "additional_epsilon": 0.0,
         "config": {k: v for k, v in config.to_flat().items() if k.startswith("distill.")},

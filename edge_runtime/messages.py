@@ -14,14 +14,14 @@ class _Printed(logging.Handler):
         print(self.format(record), flush=True)
 
 
-def print_messages() -> None:
-    """Show fedrec's messages as a command's own output: the bare message on stdout, from INFO
-    up. Not propagated to the root logger, so a handler a library put there does not repeat them.
-    Set up once per process however often it is called."""
+def print_messages(prefix: str = "") -> None:
+    """Show fedrec's messages as a command's own output: the message after `prefix` on stdout,
+    from INFO up. Not propagated to the root logger, so a handler a library put there does not
+    repeat them. Set up once per process however often it is called."""
     fedrec = logging.getLogger("fedrec")
     if not any(isinstance(h, _Printed) for h in fedrec.handlers):
         handler = _Printed()
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(logging.Formatter(prefix.replace("%", "%%") + "%(message)s"))
         fedrec.addHandler(handler)
     fedrec.setLevel(logging.INFO)
     fedrec.propagate = False

@@ -37,7 +37,7 @@ from fedrec.export.lexical import write_lexical_index
 from fedrec.model.checkpoints import load_checkpoint
 from fedrec.model.encoding import TextEncoder
 from fedrec.model.teacher import Teacher
-from fedrec.privacy.claims import parse_claims
+from fedrec.privacy.claims import claims_to_json, parse_claims
 
 
 class UserTowerGraph(torch.nn.Module):
@@ -180,7 +180,7 @@ def export_bundle(checkpoint: str | Path, catalog: Catalog, out: str | Path, int
                 **({"item_index": "items.int8.onnx"} if int8_index else {}),
             },
             "metrics": metrics or {},
-            "privacy": {"regions": {region: claim.to_json() for region, claim in claims.items()},
+            "privacy": {"regions": claims_to_json(claims),
                         "statement": "ε per region as recorded in the regions' ledgers; the student and this "
                                      "bundle are post-processing of the DP teacher on public inputs"
                                      if claims else "no DP claim: the source model carries none"},

@@ -65,7 +65,6 @@ def invalid_update(sent: State, expected: State) -> str:
     return ""
 
 
-
 class Coordinator:
     def __init__(self, grid: Grid, config: FedrecConfig, run_name: str, catalog_fingerprint: str):
         self.grid, self.config, self.run_name = grid, config, run_name

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import torch
@@ -11,31 +10,21 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedrec.config import FedrecConfig
+from fedrec.data.silo import Catalog
+from fedrec.edge_runtime.messages import print_messages
 from fedrec.errors import FedrecError
 from fedrec.federation.coordinator import Coordinator
 from fedrec.federation.run_folder import RunFolder
-from fedrec.data.silo import Catalog
 from fedrec.model.teacher import initial_tower_state, save_checkpoint
+from fedrec.privacy.claims import claims_to_json
 
 app = ServerApp()
 log = logging.getLogger(__name__)
 
 
-def show_messages() -> None:
-    """fedrec's messages on this process's stdout, which Flower forwards as the run's log
-    (`fedrec server` follows it), each marked as the coordinator's."""
-    fedrec = logging.getLogger("fedrec")
-    if not fedrec.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("[fedrec server] %(message)s"))
-        fedrec.addHandler(handler)
-    fedrec.setLevel(logging.INFO)
-    fedrec.propagate = False
-
-
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    show_messages()
+    print_messages("[fedrec server] ")      # on stdout, which Flower forwards as the run's log
     config = FedrecConfig.from_flat(context.run_config)
     if not config.federation.run_dir:
         raise FedrecError("federation.run_dir is not set", hint="Start runs with `fedrec server --run-dir DIR`.")
@@ -51,5 +40,5 @@ def main(grid: Grid, context: Context) -> None:
     tower = Coordinator(grid, config, run.run_id, catalog.fingerprint).run(run, initial)
     save_checkpoint(run_dir / "final", config.model, tower, catalog,
                     {"federated_run": str(run_dir), "run_id": run.run_id, "rounds": run.last_round(),
-                     "privacy": {region: claim.to_json() for region, claim in run.privacy.claims.items()}})
+                     "privacy": claims_to_json(run.privacy.claims)})
     log.info(f"final teacher saved in {run_dir / 'final'}")

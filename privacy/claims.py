@@ -74,6 +74,11 @@ def parse_claims(value: object, where: str) -> dict[str, PrivacyClaim]:
     return {str(region): PrivacyClaim.parse(claim, f"{where}: region {region}") for region, claim in value.items()}
 
 
+def claims_to_json(claims: dict[str, PrivacyClaim]) -> dict[str, dict]:
+    """What `parse_claims` reads."""
+    return {region: claim.to_json() for region, claim in claims.items()}
+
+
 RUN_CLAIMS_FILE = "privacy.json"
 
 
@@ -98,7 +103,7 @@ class RunClaims:
         return heads
 
     def to_json(self) -> dict:
-        return {"run_id": self.run_id, "claims": {r: c.to_json() for r, c in self.claims.items()},
+        return {"run_id": self.run_id, "claims": claims_to_json(self.claims),
                 "applied": {str(n): heads for n, heads in sorted(self.applied.items())}}
 
     @classmethod
