@@ -49,12 +49,23 @@ def test_regions_killed_or_hung_at_each_stage_never_undercount(tiny_encoder, pre
         config = tiny_config(tiny_encoder, prepared, rounds=3, min_regions=1, round_timeout=TIMEOUT, evaluate_every=0)
         run_id = control.submit(run_config(config, run_dir, resume=False))
 
-        wait_until(lambda: all(m.exists() for m in markers.values()), 300, "every region to reach its stage")
+        restarted = []
+
+        def restart_the_frozen() -> bool:
+            """Killed at their stage, restarted by their operators, each as soon as it freezes."""
+            for name in ("v-mid", "v-ledger", "v-send"):
+                if name not in restarted and markers[name].exists():
+                    deployment.nodes[name].kill()
+                    deployment.start_region(name, wait=False, data="row", budget=budget)
+                    restarted.append(name)
+            return len(restarted) == 3 and markers["v-hang"].exists()
+
+        wait_until(restart_the_frozen, 300, "every region to reach its stage")
         assert {n: json.loads(m.read_text())["where"] for n, m in markers.items()} == \
             {n: f"{n} round 1" for n in VICTIMS}
-        for name in ("v-mid", "v-ledger", "v-send"):        # killed there, restarted by their operators
-            deployment.nodes[name].kill()
-            deployment.start_region(name, data="row", budget=budget)
+        for name in restarted:
+            deployment.nodes[name].wait_for("SuperNode ID:", 120)
+        back_before_round_2 = not rounds_done(run_dir)      # a slow machine may start round 2 first
         wait_until(lambda: rounds_done(run_dir) == [1], 2 * TIMEOUT + 60, "round 1 to time out on v-hang")
         assert deployment.nodes["v-hang"].alive(), "the hung region was never killed"
         markers["v-hang"].unlink()                           # it wakes up, answers round 1 late
@@ -70,11 +81,13 @@ def test_regions_killed_or_hung_at_each_stage_never_undercount(tiny_encoder, pre
     assert [r["round"] for r in history] == [1, 2, 3]
     assert sorted(history[0]["regions"]) == ["eu"] and sorted(history[0]["dropped"]) == sorted(VICTIMS)
     assert history[0]["dropped"]["v-hang"] == f"no reply within {TIMEOUT:.0f}s"
-    # the restarted regions are back in round 2 (their dead nodes superseded, not waited on); the
-    # thawed one answers its late round 1 first, so it may miss round 2 too
-    assert {"eu", "v-mid", "v-ledger", "v-send"} <= set(history[1]["regions"])
-    assert set(history[1]["dropped"]) <= {"v-hang"}
-    assert sorted(history[2]["regions"]) == sorted(["eu", *VICTIMS]), "every region rejoined"
+    # regions restarted before round 2 began are in it (their dead nodes superseded, not waited
+    # on); the thawed one answers its late round 1 first, so it may miss round 2 too
+    assert "eu" in history[1]["regions"], history[1]
+    if back_before_round_2:
+        assert {"v-mid", "v-ledger", "v-send"} <= set(history[1]["regions"]), history[1]
+        assert set(history[1]["dropped"]) <= {"v-hang"}, history[1]
+    assert sorted(history[2]["regions"]) == sorted(["eu", *VICTIMS]), f"every region rejoined: {history[2]}"
 
     # round 1's global is eu's update alone: no late or orphaned update was applied
     global_1, _ = RunFolder(run_dir).load_round(1)
