@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -76,6 +77,18 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@contextmanager
+def transformers_bars_off():
+    """transformers draws its own "Loading weights" bar on each load, between fedrec's own phases."""
+    was_on = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            transformers.utils.logging.enable_progress_bar()
+
+
 class FrozenEncoder(TextEncoder):
     """The pretrained encoder, mean-pooled and L2-normalised; never trained."""
 
@@ -83,7 +96,8 @@ class FrozenEncoder(TextEncoder):
         super().__init__(max_item_tokens, max_query_tokens)
         encoder_dir = resolve_encoder_dir(encoder)
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(encoder_dir)
-        self.encoder = transformers.AutoModel.from_pretrained(encoder_dir, attn_implementation="eager").eval()
+        with transformers_bars_off():
+            self.encoder = transformers.AutoModel.from_pretrained(encoder_dir, attn_implementation="eager").eval()
         self.encoder.requires_grad_(False)
 
     def tokenize(self, texts: list[str], max_tokens: int) -> dict[str, torch.Tensor]:

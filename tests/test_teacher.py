@@ -6,13 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import transformers
 
 from fedrec.config import FedrecConfig
 from fedrec.data.silo import Catalog, load_dataset
 from fedrec.errors import FedrecError
 from fedrec.evaluation.evaluate import evaluate_ranker
 from fedrec.evaluation.rankers import TeacherRanker
-from fedrec.model.teacher import Teacher
+from fedrec.model.teacher import FrozenEncoder, Teacher
 from fedrec.training.objective import Example, RetrievalObjective, batch_inputs, can_train, sample_examples
 from fedrec.training.trainer import fit, make_optimizer
 
@@ -113,3 +114,12 @@ def test_a_query_for_an_items_own_title_finds_that_item(tiny_encoder, prepared):
     scores = users @ teacher.item_matrix().T
     top = scores.topk(10).indices.numpy()
     assert np.mean([i in row for i, row in zip(picked, top)]) >= 0.8
+
+
+def test_loading_the_encoder_draws_no_transformers_bar_and_restores_its_setting(tiny_encoder, capfd):
+    for enabled in (True, False):
+        (transformers.utils.logging.enable_progress_bar if enabled else transformers.utils.logging.disable_progress_bar)()
+        FrozenEncoder(str(tiny_encoder), 16, 8)
+        assert "Loading weights" not in capfd.readouterr().err
+        assert transformers.utils.logging.is_progress_bar_enabled() == enabled
+    transformers.utils.logging.enable_progress_bar()
