@@ -1,6 +1,6 @@
 """What limits the federated DP teacher: one in-process FedAvg run per setting.
 
-    python bench/dp_ablation.py NAME '{"train.dp_shared_scale": 0.1, ...}' [--noise-off] [--decay] [--pca]
+    python bench/dp_ablation.py NAME '{"train.dp_shared_scale": 0.1, ...}' [--noise-off] [--decay] [--pca] [--uniform]
         → appends to results/dp_ablation.json
 
 The regions' real round code minus the transport and the ledger (`train_private` on each region's
@@ -11,7 +11,8 @@ settings give federation.rounds / federation.local_epochs, ε = 8,
 sampling and clipping but sets σ = 0: **not private**, the diagnostic that says how much of the
 gap to the central teacher the noise costs. `--decay` lowers the learning rate over rounds
 (cosine). `--pca` starts the text adapter at the catalog texts' top principal directions (public
-data, so free in privacy) instead of a random projection. Beside the last global tower it also evaluates exponential moving averages of the
+data, so free in privacy) instead of a random projection. `--uniform` averages the regions with equal
+weights instead of by their users (does the example-weighted mean leave eu behind?). Beside the last global tower it also evaluates exponential moving averages of the
 globals over rounds (post-processing of DP releases, so free in privacy).
 """
 
@@ -39,7 +40,8 @@ ROUNDS, LOCAL_EPOCHS, EPSILON, DELTA = 10, 2.0, 8.0, 1e-5
 EMA_DECAYS = (0.5, 0.7, 0.85)
 
 
-def run(settings: dict, noise_off: bool = False, decay: bool = False, pca: bool = False) -> dict:
+def run(settings: dict, noise_off: bool = False, decay: bool = False, pca: bool = False,
+        uniform: bool = False) -> dict:
     silos = load_dataset(silos_dir())
     config = FedrecConfig.from_flat(settings)
     rounds = int(settings.get("federation.rounds", ROUNDS))            # the run's shape: these two settings,
@@ -65,7 +67,7 @@ def run(settings: dict, noise_off: bool = False, decay: bool = False, pca: bool 
         for region, (users, plan) in plans.items():
             teacher.load_adapter_state(tower)
             train_private(RetrievalObjective(teacher.tower), users, config.train, plan, f"{region} round {server_round + 1}")
-            updates.append((len(users), teacher.adapter_state()))
+            updates.append((1 if uniform else len(users), teacher.adapter_state()))
         total = sum(n for n, _ in updates)
         tower = {k: sum(n / total * state[k] for n, state in updates) for k in tower}
         averages = {b: {k: b * averages[b][k] + (1 - b) * v for k, v in tower.items()} if averages else dict(tower)
@@ -76,7 +78,7 @@ def run(settings: dict, noise_off: bool = False, decay: bool = False, pca: bool 
         teacher.load_adapter_state(state)
         return {r: m["ndcg@10"] for r, m in evaluate_ranker(TeacherRanker(teacher), silos).items()}
 
-    return {"settings": settings, "rounds": rounds, "local_epochs": passes, "noise_off": noise_off, "decay": decay, "pca": pca, "seconds": seconds,
+    return {"settings": settings, "rounds": rounds, "local_epochs": passes, "noise_off": noise_off, "decay": decay, "pca": pca, "uniform": uniform, "seconds": seconds,
             "sigma": {r: p.noise_multiplier for r, (_, p) in plans.items()},
             "test_ndcg@10": test(tower), "ema_test_ndcg@10": {str(b): test(s) for b, s in averages.items()}}
 
@@ -86,7 +88,7 @@ def main(name: str, settings: str = "{}", *flags: str) -> None:
     path = RESULTS / "dp_ablation.json"
     runs = json.loads(path.read_text())["runs"] if path.is_file() else []
     runs.append({"name": name, **run(json.loads(settings), "--noise-off" in flags, "--decay" in flags,
-                                      "--pca" in flags)})
+                                      "--pca" in flags, "--uniform" in flags)})
     save("dp_ablation", {"epsilon": EPSILON, "delta": DELTA,
                          "runs": runs})
 
