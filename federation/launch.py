@@ -37,18 +37,35 @@ def run_config(config: FedrecConfig, run_dir: Path, resume: bool) -> dict:
     return flat
 
 
-def follow(control: Control, run_id: int, run_dir: Path, rounds: int, poll: float = 5.0,
-           ask_every: float = 30.0) -> list[dict]:
-    """Progress bar over rounds with per-region metrics, until the Flower run finishes. The run
-    folder is read every `poll` s; the SuperLink is asked (a `flwr list` process, about 2 s of CPU)
-    once the final teacher is written, or every `ask_every` s so that a failed run is seen too."""
-    metrics, final = run_dir / "metrics.json", run_dir / "final" / TEACHER_FILE
-    shown, asked = 0, -math.inf
+@dataclasses.dataclass
+class RunWatch:
+    """Whether a Flower run has finished, asked cheaply: each answer is a `flwr list` process
+    (about 2 s of CPU, which on 2 cores slows the regions), so the SuperLink is asked only once the
+    run folder holds the final teacher, or every `ask_every` s so that a failed run is seen too."""
+
+    control: Control
+    run_id: int
+    run_dir: Path
+    ask_every: float = 30.0
+    asked: float = -math.inf
+
+    def finished(self) -> tuple[str, str] | None:
+        """(sub_status, details) once the run has finished, else None."""
+        if (self.run_dir / "final" / TEACHER_FILE).exists() or time.monotonic() - self.asked >= self.ask_every:
+            (status, sub_status, details), self.asked = self.control.status(self.run_id), time.monotonic()
+            if status == "finished":
+                return sub_status, details
+        return None
+
+
+def follow(control: Control, run_id: int, run_dir: Path, rounds: int, poll: float = 5.0) -> list[dict]:
+    """Progress bar over rounds with per-region metrics, until the Flower run finishes (the run
+    folder read every `poll` s)."""
+    metrics, watch = run_dir / "metrics.json", RunWatch(control, run_id, run_dir)
+    shown = 0
     with tqdm(total=rounds, desc="rounds", unit="round") as bar:
         while True:
-            status = ""
-            if final.exists() or time.monotonic() - asked >= ask_every:    # before reading: once finished, all rounds are in
-                (status, sub_status, details), asked = control.status(run_id), time.monotonic()
+            finished = watch.finished()          # before reading: once finished, all rounds are in
             history = json.loads(metrics.read_text()) if metrics.exists() else []
             for record in history[shown:]:
                 regions = record["regions"]
@@ -60,7 +77,8 @@ def follow(control: Control, run_id: int, run_dir: Path, rounds: int, poll: floa
                     log.warning(f"round {record['round']}: {reason}")
                 bar.update(1)
             shown = len(history)
-            if status == "finished":
+            if finished:
+                sub_status, details = finished
                 if sub_status != "completed":
                     raise FedrecError(f"the federation run {run_id} {sub_status}: {details}\n"
                                       f"{_tail(control.logs(run_id))}")

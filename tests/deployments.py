@@ -9,6 +9,7 @@ from pathlib import Path
 from fedrec.config import FedrecConfig
 from fedrec.federation.certs import create_dev_pki
 from fedrec.federation.deployment import Control, free_port, start_superlink, start_supernode
+from fedrec.federation.launch import RunWatch
 from fedrec.federation.region import RegionSettings
 from fedrec.privacy.budget import RegionBudget
 
@@ -35,19 +36,9 @@ def wait_until(condition, timeout: float, what: str, every: float = 0.5):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def wait_for_run(control: Control, run_id: int, run_dir: Path, timeout: float) -> tuple[str, str, str]:
-    """(status, sub_status, details) once the run has finished. It watches the run folder for the
-    final teacher (free) and asks the SuperLink only then or every 30 s, so a failed run is still
-    seen: each `flwr list` costs about 2 s of CPU, which on 2 cores slows the regions under test."""
-    deadline = asked = time.monotonic()
-    deadline += timeout
-    while time.monotonic() < deadline:
-        if (run_dir / "final" / "teacher.json").exists() or time.monotonic() - asked > 30:
-            status, asked = control.status(run_id), time.monotonic()
-            if status[0] == "finished":
-                return status
-        time.sleep(1)
-    raise AssertionError(f"timed out waiting for run {run_id} to finish")
+def wait_for_run(control: Control, run_id: int, run_dir: Path, timeout: float) -> tuple[str, str]:
+    """(sub_status, details) once the run has finished, asking the SuperLink as `fedrec` does."""
+    return wait_until(RunWatch(control, run_id, run_dir).finished, timeout, f"run {run_id} to finish", every=1)
 
 
 def rounds_done(run_dir: Path) -> list[int]:

@@ -115,7 +115,7 @@ def test_server_killed_mid_round_resumes_without_repeating_or_double_applying(ti
     deployment.start_superlink()                        # same port and database; regions reconnect
     control = deployment.control()
     run_id = control.submit(run_config(config, run_dir, resume=True))
-    assert wait_for_run(control, run_id, run_dir, 400)[1] == "completed", control.logs(run_id)
+    assert wait_for_run(control, run_id, run_dir, 400)[0] == "completed", control.logs(run_id)
     history = json.loads((run_dir / "metrics.json").read_text())
     assert [r["round"] for r in history] == [1, 2], "no round repeated or skipped"
     assert "resuming after round 1" in control.logs(run_id)
